@@ -1,0 +1,212 @@
+"""``distbackprop data inspect PATH``: what a user checks before training.
+
+`inspect` reads every file once (batch by batch) and reports the schema, row
+count, the task and features training would infer, class counts or target
+ranges, and per column the rows holding a null, NaN or ±inf value. Problems
+training would refuse (a missing target, a variable-length list, a string column
+of numbers) are listed rather than raised; an unreadable file still raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distbackprop.data.errors import DataError
+from distbackprop.data.schema import (
+    _flat_values,
+    first_non_number,
+    label_array,
+    nonfinite_rows,
+    normalize_names,
+    plan_columns,
+)
+from distbackprop.data.sources import check_fragment_columns, open_source
+
+_READ_ROWS = 1 << 16
+
+
+def _bad_count(arr: pa.Array) -> int:
+    """Rows of ``arr`` that are null, NaN or ±inf (any element, for fixed-size lists)."""
+    t = arr.type
+    if pa.types.is_floating(t):
+        finite = pc.is_finite(arr)
+        return int(len(arr) - (pc.sum(finite).as_py() or 0))
+    if pa.types.is_fixed_size_list(t):
+        vals, _ = _flat_values(arr)
+        if len(arr) == 0:
+            return 0
+        flat = np.asarray(vals, dtype=np.float64).reshape(len(arr), -1)
+        return int(nonfinite_rows(flat).sum())
+    return arr.null_count
+
+
+def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[str, Any]:
+    """Schema, rows, inferred task, class counts and NaN counts of the data at ``path``.
+
+    Returns a JSON-serialisable dict (keys: source, format, files, row_groups,
+    rows, schema, target, task, features, n_features, class_counts,
+    target_summary, nan_counts, problems, notes).
+    """
+    src = open_source(path, "data")
+    schema = src.schema
+    targets = normalize_names(target)
+    problems: list[str] = []
+    plan = None
+    try:
+        plan = plan_columns(schema, source=path, target=targets or None,
+                            task=None if targets else "regression",
+                            partition_columns=src.partition_columns)
+    except DataError as exc:
+        problems.extend(exc.problems)
+        try:  # still show which columns would be features
+            plan = plan_columns(schema, source=path, target=None, task="regression",
+                                partition_columns=src.partition_columns)
+        except DataError:
+            plan = None
+
+    names = schema.names
+    nan_counts = dict.fromkeys(names, 0)
+    class_counts: dict[Any, int] = {}
+    tsum = {t: [np.inf, -np.inf, 0.0, 0] for t in targets if t in names}
+    suspect_state = {c: [0, 0, -1, None] for c in (plan.suspects if plan else ())}
+    rows = 0
+    row_groups = 0
+    classify = bool(plan is not None and plan.task == "classification" and plan.target_names)
+    for frag in src.fragments:
+        try:
+            check_fragment_columns(src, frag, names)
+        except DataError as exc:
+            problems.extend(exc.problems)
+        if src.format == "parquet":
+            try:
+                row_groups += frag.num_row_groups
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"data: cannot read {frag.path}: {exc}") from exc
+        try:
+            batches = frag.to_batches(schema=schema, batch_size=_READ_ROWS)
+            for batch in batches:
+                table = pa.Table.from_batches([batch])
+                for c in names:
+                    nan_counts[c] += _bad_count(batch.column(c))
+                if classify:
+                    counts = pc.value_counts(label_array(table, plan.target_names[0]))
+                    for item in counts.to_pylist():
+                        if item["values"] is not None:
+                            class_counts[item["values"]] = (class_counts.get(item["values"], 0)
+                                                            + item["counts"])
+                elif plan is not None:
+                    for t in tsum:
+                        v = batch.column(t).to_numpy(zero_copy_only=False).astype(np.float64)
+                        v = v[np.isfinite(v)]
+                        if len(v):
+                            s = tsum[t]
+                            s[0], s[1] = min(s[0], v.min()), max(s[1], v.max())
+                            s[2] += float(v.sum())
+                            s[3] += len(v)
+                for c, st in suspect_state.items():
+                    numbers, row, value = first_non_number(table, c)
+                    st[0] += numbers
+                    st[1] += table.num_rows - table.column(c).null_count
+                    if st[2] < 0 and row >= 0:
+                        st[2], st[3] = rows + row, (frag.path, value)
+                rows += batch.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"data: cannot read {frag.path}: {exc}") from exc
+
+    notes = list(plan.notes) if plan else []
+    for c, (numbers, valid, row, info) in suspect_state.items():
+        if row >= 0 and numbers * 2 > valid:
+            problems.append(f"data: column {c!r} is not numeric: {info[1]!r} in {info[0]} "
+                            f"({numbers} of {valid} values are numbers)")
+        else:
+            notes.append(f"column {c!r} (string) is not numeric: not a feature")
+    if rows == 0:
+        problems.append(f"data: {path} has no rows")
+    if classify and plan.task == "classification":
+        bad_labels = [k for k in class_counts if isinstance(k, float) and not float(k).is_integer()]
+        if bad_labels:
+            problems.append(f"data: target has non-integral values such as {bad_labels[0]!r}")
+    roles = {}
+    if plan is not None:
+        roles.update(dict.fromkeys(plan.feature_names, "feature"))
+        roles.update(dict.fromkeys(plan.ignored, "ignored"))
+        roles.update(dict.fromkeys(plan.suspects, "ignored"))
+    roles.update(dict.fromkeys(src.partition_columns, "partition"))
+    roles.update(dict.fromkeys([t for t in targets if t in names], "target"))
+    summary = None
+    if plan is not None and plan.task == "regression" and tsum:
+        summary = {t: {"min": s[0], "max": s[1], "mean": s[2] / s[3] if s[3] else None}
+                   for t, s in tsum.items()}
+    return {
+        "source": path,
+        "format": src.format,
+        "files": len(src.fragments),
+        "row_groups": row_groups if src.format == "parquet" else None,
+        "rows": rows,
+        "schema": [{"name": f.name, "type": str(f.type), "role": roles.get(f.name, "ignored"),
+                    "nan_count": nan_counts[f.name]} for f in schema],
+        "target": list(targets) or None,
+        "task": plan.task if plan is not None and plan.target_names else None,
+        "features": list(plan.feature_names) if plan else [],
+        "n_features": plan.n_features if plan else None,
+        "class_counts": ({str(k): v for k, v in sorted(class_counts.items(), key=_label_key)}
+                         if classify else None),
+        "target_summary": summary,
+        "nan_counts": {c: n for c, n in nan_counts.items()},
+        "problems": problems,
+        "notes": notes,
+    }
+
+
+def _label_key(item: tuple) -> tuple:
+    k = item[0]
+    return (0, k, "") if isinstance(k, int | float | bool) else (1, 0, str(k))
+
+
+def format_inspect(d: dict[str, Any]) -> str:
+    """Human-readable text of an `inspect` result."""
+    lines = []
+    groups = f", {d['row_groups']} row group(s)" if d.get("row_groups") is not None else ""
+    lines.append(f"source:   {d['source']} ({d['format']}, {d['files']} file(s){groups})")
+    lines.append(f"rows:     {d['rows']}")
+    if d.get("target"):
+        task = d.get("task") or "?"
+        extra = ""
+        if d.get("class_counts") is not None:
+            extra = f", {len(d['class_counts'])} classes"
+        lines.append(f"target:   {', '.join(d['target'])} → {task}{extra}")
+    feats = d.get("features") or []
+    if feats:
+        shown = ", ".join(feats[:6]) + (f", … ({len(feats)} columns)" if len(feats) > 6 else "")
+        lines.append(f"features: {d['n_features']} ({shown})")
+    width = max([len(c["name"]) for c in d["schema"]] + [6])
+    twidth = max([len(c["type"]) for c in d["schema"]] + [4])
+    lines.append("")
+    lines.append(f"{'column':<{width}}  {'type':<{twidth}}  {'role':<9}  NaN/null")
+    for c in d["schema"]:
+        lines.append(f"{c['name']:<{width}}  {c['type']:<{twidth}}  {c['role']:<9}  "
+                     f"{c['nan_count']}")
+    if d.get("class_counts"):
+        lines.append("")
+        lines.append("class counts:")
+        lines.append("  " + "  ".join(f"{k}: {v}" for k, v in d["class_counts"].items()))
+    if d.get("target_summary"):
+        lines.append("")
+        for t, s in d["target_summary"].items():
+            lines.append(f"target {t}: min {s['min']:.6g}, max {s['max']:.6g}, "
+                         f"mean {s['mean']:.6g}" if s["mean"] is not None else
+                         f"target {t}: no finite values")
+    for n in d.get("notes") or []:
+        lines.append(f"note: {n}")
+    lines.append("")
+    if d.get("problems"):
+        lines.append("problems:")
+        lines.extend(f"  - {p}" for p in d["problems"])
+    else:
+        lines.append("problems: none")
+    return "\n".join(lines)

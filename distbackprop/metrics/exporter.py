@@ -1,0 +1,280 @@
+"""Prometheus exporter for the coordinator (the only prometheus_client importer).
+
+Every metric of CONTRACT.md's table lives in the exporter's own
+`CollectorRegistry` (no global state); tests read values with
+``registry.get_sample_value``. Fed once per chunk from the per-step statistics
+the workers return (`record_chunk`), so the cost is per chunk, not per step,
+except the phase histogram which observes every step. Labels are layer names,
+worker ranks and phases only: the number of series is fixed by the model and
+the worker count, never by the number of steps.
+
+Beyond the contract (extensions, never renames): ``distbackprop_step`` and
+``distbackprop_epoch`` (last step), ``distbackprop_lr``,
+``distbackprop_grad_max_abs``, ``distbackprop_grad_vanish_threshold`` and
+``distbackprop_grad_explode_threshold`` (so dashboards draw the run's own
+thresholds) and ``distbackprop_worker_peak_rss_bytes{worker}``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .health import PHASES, classify
+
+# Phase times span ~10 µs (update of a tiny model) to seconds (data loading from
+# a slow disk); a 1-2.5-5 ladder keeps quantiles within a factor ~2.5.
+PHASE_BUCKETS: tuple[float, ...] = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+MODEL_KINDS: tuple[str, ...] = ("params", "grads", "optimizer")
+
+
+class MetricsExporter:
+    """All distbackprop metrics in one registry, optionally served over HTTP.
+
+    `layers`: layer names (``model.layer_names``), the ``layer`` label values.
+    `port`: TCP port for `start`; 0 binds an ephemeral port (tests), read it back
+    from `port` after `start`. `enabled=False` makes every method a no-op and
+    `start` serve nothing — that is how ``--metrics-port 0`` ("off") maps here;
+    see `from_config`.
+    """
+
+    def __init__(self, layers: Sequence[str], registry: CollectorRegistry | None = None,
+                 host: str = "127.0.0.1", port: int = 9400, enabled: bool = True):
+        self.layers = [str(x) for x in layers]
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.host = host
+        self.port = int(port)
+        self.enabled = bool(enabled)
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self._workers_seen: set[str] = set()
+        r = self.registry
+
+        self.steps = Counter("distbackprop_steps_total", "Training steps completed "
+                             "(skipped steps included)", registry=r)
+        self.samples = Counter("distbackprop_samples_total", "Training samples processed",
+                               registry=r)
+        self.loss = Gauge("distbackprop_loss", "Training loss of the last step", registry=r)
+        self.grad_global_norm = Gauge("distbackprop_grad_global_norm",
+                                      "Global L2 norm of the reduced gradient, last step",
+                                      registry=r)
+        self.grad_norm = Gauge("distbackprop_grad_norm",
+                               "Per-layer L2 norm of the reduced gradient (W and b), last step",
+                               ["layer"], registry=r)
+        self.update_ratio = Gauge("distbackprop_update_ratio",
+                                  "Per-layer update ratio ||dtheta||/||theta||, last step",
+                                  ["layer"], registry=r)
+        self.vanishing = Counter("distbackprop_grad_vanishing_total",
+                                 "Steps where the layer's gradient norm was below the "
+                                 "vanish threshold", ["layer"], registry=r)
+        self.exploding = Counter("distbackprop_grad_exploding_total",
+                                 "Steps where the layer's gradient norm was above the explode "
+                                 "threshold or non-finite", ["layer"], registry=r)
+        self.nonfinite = Counter("distbackprop_grad_nonfinite_total",
+                                 "Steps whose reduced gradient held a non-finite value",
+                                 registry=r)
+        self.skipped = Counter("distbackprop_steps_skipped_total",
+                               "Steps whose update was skipped", registry=r)
+        self.phase_seconds = Histogram("distbackprop_step_phase_seconds",
+                                       "Time per step in each phase", ["phase"],
+                                       buckets=PHASE_BUCKETS, registry=r)
+        self.samples_per_second = Gauge("distbackprop_samples_per_second",
+                                        "Training throughput over the last chunk", registry=r)
+        self.worker_rss = Gauge("distbackprop_worker_rss_bytes",
+                                "Resident set size per worker", ["worker"], registry=r)
+        self.worker_peak_rss = Gauge("distbackprop_worker_peak_rss_bytes",
+                                     "Peak resident set size per worker", ["worker"], registry=r)
+        self.activation = Gauge("distbackprop_activation_bytes",
+                                "Bytes of activations cached for backward per worker",
+                                ["worker"], registry=r)
+        self.model = Gauge("distbackprop_model_bytes", "Model bytes by kind", ["kind"],
+                           registry=r)
+        self.workers = Gauge("distbackprop_workers", "Workers in the current group", registry=r)
+        self.restarts = Counter("distbackprop_worker_restarts_total",
+                                "Worker-group restarts after a failure", registry=r)
+        self.step = Gauge("distbackprop_step", "Last completed step", registry=r)
+        self.epoch = Gauge("distbackprop_epoch", "Epoch of the last completed step", registry=r)
+        self.lr = Gauge("distbackprop_lr", "Learning rate of the last step", registry=r)
+        self.grad_max_abs = Gauge("distbackprop_grad_max_abs",
+                                  "Largest finite |gradient| entry, last step", registry=r)
+        self.vanish_threshold = Gauge("distbackprop_grad_vanish_threshold",
+                                      "Per-layer gradient norm below which a layer vanishes",
+                                      registry=r)
+        self.explode_threshold = Gauge("distbackprop_grad_explode_threshold",
+                                       "Per-layer gradient norm above which a layer explodes",
+                                       registry=r)
+
+        # Create every labelled child now so each series exists (at 0) from the
+        # first scrape: increase() and alerts need the zero before the first event.
+        self._grad_norm = [self.grad_norm.labels(layer=x) for x in self.layers]
+        self._update_ratio = [self.update_ratio.labels(layer=x) for x in self.layers]
+        self._vanishing = [self.vanishing.labels(layer=x) for x in self.layers]
+        self._exploding = [self.exploding.labels(layer=x) for x in self.layers]
+        self._phase = [self.phase_seconds.labels(phase=p) for p in PHASES]
+        for kind in MODEL_KINDS:
+            self.model.labels(kind=kind)
+
+    @classmethod
+    def from_config(cls, config: Any, layers: Sequence[str],
+                    registry: CollectorRegistry | None = None) -> MetricsExporter:
+        """Exporter for a `TrainConfig`: ``metrics_port == 0`` means off (``enabled=False``)."""
+        port = int(config.metrics_port)
+        return cls(layers, registry=registry, host=config.metrics_host, port=port,
+                   enabled=port != 0)
+
+    # ------------------------------------------------------------------ server
+    @property
+    def url(self) -> str | None:
+        """``http://host:port/metrics`` while serving, else None."""
+        if self._server is None:
+            return None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> int | None:
+        """Serve /metrics on host:port in a daemon thread; returns the bound port
+        (None when disabled). Raises OSError if the port is taken."""
+        if not self.enabled:
+            return None
+        if self._server is not None:
+            return self.port
+        self._server, self._thread = start_http_server(self.port, addr=self.host,
+                                                       registry=self.registry)
+        self.port = int(self._server.server_address[1])
+        return self.port
+
+    def stop(self, linger: float = 0.0) -> None:
+        """Keep serving `linger` seconds (``--metrics-linger``), then shut the server
+        down and join its thread. Safe to call twice."""
+        if self._server is None:
+            return
+        if linger > 0:
+            time.sleep(linger)
+        server, thread = self._server, self._thread
+        self._server, self._thread = None, None
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=10)
+
+    def __enter__(self) -> MetricsExporter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- feeding
+    def record_chunk(self, stats: Mapping[str, np.ndarray], vanish_threshold: float,
+                     explode_threshold: float, wall_seconds: float | None = None) -> None:
+        """Fold one chunk of K steps (the per-step statistics of the brief) in.
+
+        Counters add per step (a layer counts once per step it vanishes/explodes;
+        non-finite and skipped count steps); gauges take the chunk's last step; the
+        phase histogram observes every step. samples_per_second = Σ samples /
+        (`wall_seconds`, or Σ step_seconds when not given).
+        """
+        if not self.enabled:
+            return
+        k = int(np.asarray(stats["step"]).shape[0])
+        self.vanish_threshold.set(vanish_threshold)
+        self.explode_threshold.set(explode_threshold)
+        if k == 0:
+            return
+        grad_norm = np.asarray(stats["grad_norm"], dtype=np.float64)
+        if grad_norm.shape != (k, len(self.layers)):
+            raise ValueError(f"stats['grad_norm']: expected shape {(k, len(self.layers))}, "
+                             f"got {grad_norm.shape}")
+        update_ratio = np.asarray(stats["update_ratio"], dtype=np.float64)
+        vanishing, exploding = classify(grad_norm, vanish_threshold, explode_threshold)
+        n_van = vanishing.sum(axis=0)
+        n_exp = exploding.sum(axis=0)
+        last = k - 1
+        for i in range(len(self.layers)):
+            if n_van[i]:
+                self._vanishing[i].inc(int(n_van[i]))
+            if n_exp[i]:
+                self._exploding[i].inc(int(n_exp[i]))
+            self._grad_norm[i].set(float(grad_norm[last, i]))
+            self._update_ratio[i].set(float(update_ratio[last, i]))
+
+        samples = np.asarray(stats["samples"])
+        n_samples = int(samples.sum())
+        self.steps.inc(k)
+        self.samples.inc(n_samples)
+        n_nonfinite = int(np.count_nonzero(np.asarray(stats["nonfinite"]) > 0))
+        if n_nonfinite:
+            self.nonfinite.inc(n_nonfinite)
+        n_skipped = int(np.count_nonzero(stats["skipped"]))
+        if n_skipped:
+            self.skipped.inc(n_skipped)
+        self.loss.set(float(stats["loss"][last]))
+        self.grad_global_norm.set(float(stats["grad_global_norm"][last]))
+        self.grad_max_abs.set(float(stats["grad_max_abs"][last]))
+        self.lr.set(float(stats["lr"][last]))
+        self.step.set(float(stats["step"][last]))
+        self.epoch.set(float(stats["epoch"][last]))
+
+        phase = np.asarray(stats["phase_seconds"], dtype=np.float64)
+        for j, child in enumerate(self._phase):
+            for v in phase[:, j].tolist():
+                child.observe(v)
+        seconds = float(wall_seconds if wall_seconds is not None
+                        else np.asarray(stats["step_seconds"]).sum())
+        if seconds > 0:
+            self.samples_per_second.set(n_samples / seconds)
+
+    def record_workers(self, memory: Mapping[int, Mapping[str, int]]) -> None:
+        """Per-worker memory at chunk end: {rank: {"rss_bytes", "activation_bytes",
+        optional "peak_rss_bytes"}}. Ranks absent now but seen before are removed,
+        so a smaller group after recovery leaves no stale series."""
+        if not self.enabled:
+            return
+        now = set()
+        for rank, m in memory.items():
+            w = str(int(rank))
+            now.add(w)
+            self.worker_rss.labels(worker=w).set(int(m["rss_bytes"]))
+            self.activation.labels(worker=w).set(int(m.get("activation_bytes", 0)))
+            if "peak_rss_bytes" in m:
+                self.worker_peak_rss.labels(worker=w).set(int(m["peak_rss_bytes"]))
+        for w in self._workers_seen - now:
+            for g in (self.worker_rss, self.activation, self.worker_peak_rss):
+                try:
+                    g.remove(w)
+                except KeyError:
+                    pass
+        self._workers_seen = now
+
+    def set_model_bytes(self, sizes: Mapping[str, int]) -> None:
+        """``{"params": .., "grads": .., "optimizer": ..}`` (`memory.model_bytes`)."""
+        if not self.enabled:
+            return
+        for kind, n in sizes.items():
+            self.model.labels(kind=str(kind)).set(int(n))
+
+    def set_workers(self, n: int) -> None:
+        """Workers in the current group (0 after training ends, so TrainingStalled
+        stays quiet while the exporter lingers)."""
+        if self.enabled:
+            self.workers.set(int(n))
+
+    def inc_restarts(self, n: int = 1) -> None:
+        """Count a worker-group restart."""
+        if self.enabled:
+            self.restarts.inc(n)
+
+    def series_count(self) -> int:
+        """Number of samples the registry exposes now (tests: bounded by labels, not steps)."""
+        return sum(len(m.samples) for m in self.registry.collect())
+
+
+__all__ = ["MODEL_KINDS", "PHASE_BUCKETS", "MetricsExporter"]

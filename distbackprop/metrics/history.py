@@ -1,0 +1,146 @@
+"""Run history on disk: ``history.parquet`` (one row per step) and ``memory.parquet``.
+
+history.parquet columns (CONTRACT.md; extend, never rename):
+``step, epoch, loss, samples, lr, grad_global_norm, grad_max_abs, nonfinite, skipped,
+step_seconds, time/<phase> for phase in PHASES, grad_norm/<layer>, update_ratio/<layer>``.
+
+memory.parquet columns: ``step, worker, rss_bytes, peak_rss_bytes, activation_bytes``
+(one row per worker per chunk end; all int64).
+
+Chunks are kept as a list of arrays and concatenated once when written, so
+appending costs O(chunk) and nothing is re-copied per step. Files are written to
+a temporary name in the same directory and renamed, so a reader never sees half
+a file. pyarrow.parquet is used here by the project's rule for history writers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .health import PHASES
+
+_SCALARS: tuple[tuple[str, type], ...] = (
+    ("step", np.int64), ("epoch", np.int64), ("loss", np.float64), ("samples", np.int64),
+    ("lr", np.float64), ("grad_global_norm", np.float64), ("grad_max_abs", np.float64),
+    ("nonfinite", np.int64), ("skipped", np.bool_), ("step_seconds", np.float64),
+)
+MEMORY_COLUMNS: tuple[str, ...] = (
+    "step", "worker", "rss_bytes", "peak_rss_bytes", "activation_bytes",
+)
+
+
+def history_columns(layers: Sequence[str]) -> list[str]:
+    """Column names of history.parquet for these layers, in file order."""
+    return ([name for name, _ in _SCALARS] + [f"time/{p}" for p in PHASES]
+            + [f"grad_norm/{x}" for x in layers] + [f"update_ratio/{x}" for x in layers])
+
+
+def _write_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class HistoryWriter:
+    """Collects per-step chunk statistics; `to_table`/`write` give history.parquet."""
+
+    def __init__(self, layers: Sequence[str]):
+        self.layers = [str(x) for x in layers]
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._steps = 0
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def append(self, stats: Mapping[str, np.ndarray]) -> None:
+        """Add one chunk (K steps, the brief's arrays). Copies, so the caller may
+        reuse its buffers. Raises ValueError naming a missing or misshapen key."""
+        k = int(np.asarray(stats["step"]).shape[0]) if "step" in stats else None
+        if k is None:
+            raise ValueError("stats: missing key 'step'")
+        L = len(self.layers)
+        chunk: dict[str, np.ndarray] = {}
+        want = [(name, dt, (k,)) for name, dt in _SCALARS] + [
+            ("grad_norm", np.float64, (k, L)), ("update_ratio", np.float64, (k, L)),
+            ("phase_seconds", np.float64, (k, len(PHASES))),
+        ]
+        for name, dt, shape in want:
+            if name not in stats:
+                raise ValueError(f"stats: missing key {name!r}")
+            a = np.array(stats[name], dtype=dt, copy=True)
+            if a.shape != shape:
+                raise ValueError(f"stats[{name!r}]: expected shape {shape}, got {a.shape}")
+            chunk[name] = a
+        self._chunks.append(chunk)
+        self._steps += k
+
+    def _column(self, name: str, dt: type, width: int | None = None) -> np.ndarray:
+        if not self._chunks:
+            return np.zeros((0,) if width is None else (0, width), dtype=dt)
+        return np.concatenate([c[name] for c in self._chunks])
+
+    def to_table(self) -> pa.Table:
+        """All steps so far as a pyarrow Table with `history_columns(layers)`."""
+        cols: dict[str, np.ndarray] = {}
+        for name, dt in _SCALARS:
+            cols[name] = self._column(name, dt)
+        phase = self._column("phase_seconds", np.float64, len(PHASES))
+        for j, p in enumerate(PHASES):
+            cols[f"time/{p}"] = np.ascontiguousarray(phase[:, j])
+        L = len(self.layers)
+        for key in ("grad_norm", "update_ratio"):
+            m = self._column(key, np.float64, L)
+            for i, layer in enumerate(self.layers):
+                cols[f"{key}/{layer}"] = np.ascontiguousarray(m[:, i])
+        return pa.table(cols)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write history.parquet atomically (temp file + rename); returns the path."""
+        return _write_atomic(self.to_table(), path)
+
+
+class MemoryHistory:
+    """Per-worker memory at each chunk end; `write` gives memory.parquet."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[int, int, int, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def append(self, step: int, memory: Mapping[int, Mapping[str, int]]) -> None:
+        """`memory`: {rank: {"rss_bytes", "activation_bytes", optional "peak_rss_bytes"}}."""
+        for rank, m in sorted(memory.items()):
+            rss = int(m["rss_bytes"])
+            self._rows.append((int(step), int(rank), rss, int(m.get("peak_rss_bytes", rss)),
+                               int(m.get("activation_bytes", 0))))
+
+    def to_table(self) -> pa.Table:
+        arr = np.array(self._rows, dtype=np.int64).reshape(-1, len(MEMORY_COLUMNS))
+        return pa.table({name: arr[:, i].copy() for i, name in enumerate(MEMORY_COLUMNS)})
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write memory.parquet atomically; returns the path."""
+        return _write_atomic(self.to_table(), path)
+
+
+def read_columns(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A Parquet file as {column: numpy array} (for `distbackprop report`)."""
+    table = pq.read_table(path)
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+__all__ = ["HistoryWriter", "MEMORY_COLUMNS", "MemoryHistory", "history_columns",
+           "read_columns"]

@@ -1,0 +1,234 @@
+"""`MLP`: Dense → activation → … → Dense over one `ParamBuffer`.
+
+Forward caches z and h per layer; backward runs the seed's recursion,
+batched: dz = dh ⊙ σ′(z); dW = dzᵀ h_prev; db = Σ_batch dz; dh_prev = dz W.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .layers import Dense, Layer, make_activation
+from .losses import loss_and_grad as _loss_and_grad
+from .params import ParamBuffer
+
+INITS = ("he", "xavier", "normal")
+MODEL_FORMAT = 1
+
+
+def init_params_(model: MLP, init: str, rng: np.random.Generator, scale: float = 1.0) -> None:
+    """Fill weights in place from `rng`; biases are zero.
+
+    he: N(0, 2/in) · xavier (Glorot normal): N(0, 2/(in+out)) · normal: N(0, 0.01²).
+    Draws float64 then casts, so float32 and float64 models start from the same numbers.
+    """
+    if init not in INITS:
+        raise ValueError(f"init: {init!r} is not one of {', '.join(INITS)}")
+    for d in model.dense_layers:
+        fan_out, fan_in = d.W.shape
+        std = {"he": np.sqrt(2.0 / fan_in), "xavier": np.sqrt(2.0 / (fan_in + fan_out)),
+               "normal": 0.01}[init]
+        d.W[...] = rng.standard_normal(d.W.shape) * (std * scale)
+        d.b[...] = 0
+
+
+class Sequential:
+    """Layers applied in order over one `ParamBuffer` (its `params`/`grads` are the model's)."""
+
+    def __init__(self, layers: Sequence[Layer], buffer: ParamBuffer):
+        self.layers = list(layers)
+        self.buffer = buffer
+        self.dense_layers = [lay for lay in self.layers if isinstance(lay, Dense)]
+        self._dy: np.ndarray | None = None
+
+    # flat buffers and their views -------------------------------------------------
+    @property
+    def params(self) -> np.ndarray:
+        return self.buffer.params
+
+    @property
+    def grads(self) -> np.ndarray:
+        return self.buffer.grads
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.buffer.dtype
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [d.name for d in self.dense_layers]
+
+    def named_params(self) -> dict[str, np.ndarray]:
+        """Ordered {"dense0.W": (out, in) view, "dense0.b": (out,) view, ...}."""
+        return self.buffer.named_params()
+
+    def named_grads(self) -> dict[str, np.ndarray]:
+        return self.buffer.named_grads()
+
+    def layer_slices(self) -> dict[str, slice]:
+        """{"dense0": slice} over the flat buffers, covering that layer's W and b."""
+        return {n: self.buffer.span([f"{n}.W", f"{n}.b"]) for n in self.layer_names}
+
+    # the passes ---------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x: (batch, n_in) → ŷ: (batch, n_out); caches what backward needs.
+
+        The returned array is a workspace view, overwritten by the next forward.
+        """
+        h = np.asarray(x, dtype=self.dtype)
+        for layer in self.layers:
+            h = layer.forward(h)
+        return h
+
+    def backward(self, dy: np.ndarray, on_layer_done=None) -> None:
+        """dy = ∂L/∂ŷ: (batch, n_out). Fills `grads` (overwrites), last layer first.
+
+        `on_layer_done(name)` is called as soon as a Dense layer's dW and db are
+        written (the hook the bucketed allreduce overlaps with).
+        """
+        first = self.layers[0]
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy, need_dx=layer is not first)
+            if on_layer_done is not None and isinstance(layer, Dense):
+                on_layer_done(layer.name)
+
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, loss: str = "cross_entropy",
+                      denom: float | None = None, on_layer_done=None) -> float:
+        """Forward, loss, backward. Returns Σ_rows ℓ / denom; `grads` ← ∂L/∂θ.
+
+        denom defaults to the batch size (batch mean); data-parallel workers pass
+        the global batch size so a SUM-allreduce yields the global mean.
+        """
+        y_hat = self.forward(x)
+        d = float(denom if denom is not None else max(x.shape[0], 1))
+        if self._dy is None or self._dy.shape[0] < y_hat.shape[0]:
+            self._dy = np.empty((max(y_hat.shape[0], 1), y_hat.shape[1]), dtype=self.dtype)
+        dy = self._dy[: y_hat.shape[0]]
+        value = _loss_and_grad(loss, y_hat, y, d, dy)
+        self.backward(dy, on_layer_done=on_layer_done)
+        return value
+
+    def activation_bytes(self) -> int:
+        """Exact bytes of the arrays currently cached for backward (0 after backward)."""
+        seen: dict[int, int] = {}
+        for layer in self.layers:
+            for a in layer.cached():
+                seen[id(a)] = a.nbytes
+        return sum(seen.values())
+
+    def zero_grad_(self) -> None:
+        self.buffer.zero_grad_()
+
+    def release_(self) -> None:
+        """Drop every cache forward kept (inference needs no backward)."""
+        for layer in self.layers:
+            layer.release_()
+
+
+class MLP(Sequential):
+    """Multi-layer perceptron: sizes [n_in, h1, …, n_out]; `activation` between Dense layers.
+
+    Layers are named dense0, dense1, …; the output layer has no activation
+    (the loss takes logits or raw values).
+    """
+
+    def __init__(self, sizes: Sequence[int], activation: str = "relu", dtype=np.float64,
+                 seed: int | None = 0, init: str | None = None, init_scale: float = 1.0,
+                 rng: np.random.Generator | None = None):
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or any(s <= 0 for s in sizes):
+            raise ValueError(f"sizes: need at least [n_in, n_out], all > 0, got {sizes}")
+        self.sizes = sizes
+        self.activation = activation
+        self.init = init or ("he" if activation in ("relu", "leaky_relu", "gelu", "softplus")
+                             else "xavier")
+        shapes = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            shapes += [(f"dense{i}.W", (n_out, n_in)), (f"dense{i}.b", (n_out,))]
+        buf = ParamBuffer(shapes, dtype=dtype)
+        layers: list[Layer] = []
+        n_dense = len(sizes) - 1
+        for i in range(n_dense):
+            name = f"dense{i}"
+            layers.append(Dense(name, buf.param(f"{name}.W"), buf.param(f"{name}.b"),
+                                buf.grad(f"{name}.W"), buf.grad(f"{name}.b")))
+            if i < n_dense - 1:
+                layers.append(make_activation(activation, f"act{i}", dtype))
+        super().__init__(layers, buf)
+        init_params_(self, self.init, rng or np.random.default_rng(seed), init_scale)
+
+    @property
+    def n_in(self) -> int:
+        return self.sizes[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.sizes[-1]
+
+    def predict(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """ŷ for all rows of x, in batches; returns a new (n, n_out) array."""
+        out = np.empty((x.shape[0], self.n_out), dtype=self.dtype)
+        for i in range(0, x.shape[0], batch):
+            out[i:i + batch] = self.forward(x[i:i + batch])
+        self.release_()
+        return out
+
+    def architecture(self) -> dict[str, Any]:
+        return {"sizes": self.sizes, "activation": self.activation, "init": self.init,
+                "dtype": self.dtype.name}
+
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+             arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Write an ``.npz`` without pickles: params, architecture + `meta` as JSON bytes.
+
+        Written to a temporary file and renamed, so a reader never sees half a model.
+        """
+        path = Path(path)
+        meta = dict(meta or {})
+        # Arrays in `meta` (e.g. standardization mean/std) travel as npz members.
+        meta_arrays = {k: meta.pop(k) for k in list(meta) if isinstance(meta[k], np.ndarray)}
+        header = {"format": MODEL_FORMAT, "architecture": self.architecture(), "meta": meta}
+        payload = {"params": self.params,
+                   "header_json": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+        payload.update({f"meta/{k}": v for k, v in meta_arrays.items()})
+        for k, v in (arrays or {}).items():
+            payload[f"extra/{k}"] = np.asarray(v)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def load_model(path: str | os.PathLike) -> MLP:
+    """Load a model saved by `MLP.save` (``allow_pickle=False``; anything else is refused).
+
+    The returned model carries `.meta` (dict) and `.extra` (dict of arrays).
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable distbackprop model ({exc})") from None
+    if "header_json" not in data or "params" not in data:
+        raise ValueError(f"{path}: not a distbackprop model (no header_json/params)")
+    header = json.loads(bytes(data["header_json"]).decode())
+    arch = header["architecture"]
+    model = MLP(arch["sizes"], activation=arch["activation"], dtype=np.dtype(arch["dtype"]),
+                init=arch["init"], seed=0)
+    if data["params"].shape != model.params.shape:
+        raise ValueError(f"{path}: params has {data['params'].size} values, "
+                         f"architecture needs {model.params.size}")
+    model.params[...] = data["params"]
+    model.meta = header.get("meta", {})
+    model.meta.update({k[len("meta/"):]: v for k, v in data.items() if k.startswith("meta/")})
+    model.extra = {k[len("extra/"):]: v for k, v in data.items() if k.startswith("extra/")}
+    return model

@@ -1,0 +1,252 @@
+"""`distbackprop report DIR`: PNG plots of a finished (or running) run, under DIR/report/.
+
+Reads DIR/history.parquet (one row per step), DIR/config.yaml (the thresholds,
+``vanish_threshold``/``explode_threshold``) and, when present, DIR/memory.parquet.
+Writes:
+
+* ``loss.png`` — training loss per step (skipped steps marked);
+* ``grad_norm_heatmap.png`` — log10 ‖g_ℓ‖ over steps, layers on y; cells below the
+  vanish threshold and above the explode threshold take their own colours, so a
+  vanishing or exploding layer shows at a glance; non-finite cells are magenta;
+* ``grad_norms.png`` — per-layer gradient norms over steps, log scale, with both
+  thresholds drawn;
+* ``update_ratios.png`` — ‖Δθ_ℓ‖/‖θ_ℓ‖ per layer, log scale, with the 1e-3 reference;
+* ``phase_times.png`` — time per step in each phase;
+* ``memory.png`` — RSS and activation bytes per worker (only with memory.parquet).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import ConfigError
+from .metrics.health import PHASES
+
+DEFAULT_VANISH = 1e-7
+DEFAULT_EXPLODE = 1e3
+UPDATE_RATIO_REFERENCE = 1e-3
+REQUIRED_COLUMNS = ("step", "loss")
+
+
+def _thresholds(run_dir: Path) -> tuple[float, float]:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return DEFAULT_VANISH, DEFAULT_EXPLODE
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping of configuration keys")
+    out = []
+    for key, default in (("vanish_threshold", DEFAULT_VANISH),
+                         ("explode_threshold", DEFAULT_EXPLODE)):
+        v = cfg.get(key, default)
+        try:
+            out.append(float(default if v is None else v))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: {key}: expected a number, got {v!r}") from exc
+    return out[0], out[1]
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    from .metrics.history import read_columns
+
+    try:
+        return read_columns(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ConfigError(f"{path}: cannot read as Parquet: {exc}") from exc
+
+
+def _layers(cols: dict[str, np.ndarray], prefix: str) -> list[str]:
+    return [c[len(prefix):] for c in cols if c.startswith(prefix)]
+
+
+def _layer_colors(plt, n: int):
+    cmap = plt.get_cmap("viridis")
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _legend(ax, n: int) -> None:
+    # Many layers: put the legend outside so it does not hide the curves.
+    if n > 6:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    else:
+        ax.legend(fontsize="small")
+
+
+def _byte_unit(values: np.ndarray) -> tuple[float, str]:
+    """Divisor and name of the binary unit that keeps the largest value readable."""
+    top = float(np.max(values)) if len(values) else 0.0
+    for div, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if top >= div:
+            return float(div), name
+    return 1.0, "bytes"
+
+
+def _positive(a: np.ndarray) -> np.ndarray:
+    """Values a log axis can show; others (0, negative, non-finite) become gaps."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+
+
+def make_report(run_dir: str | Path) -> list[Path]:
+    """Draw the run's plots into ``run_dir/report/``; returns the PNG paths written.
+
+    Raises `ConfigError` naming the file or column when the history is missing or
+    unreadable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    hist_path = run_dir / "history.parquet"
+    if not hist_path.exists():
+        raise ConfigError(f"{hist_path}: not found (is {run_dir} a run directory?)")
+    cols = _read(hist_path)
+    for c in REQUIRED_COLUMNS:
+        if c not in cols:
+            raise ConfigError(f"{hist_path}: missing column {c!r}")
+    vanish, explode = _thresholds(run_dir)
+    out_dir = run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = np.asarray(cols["step"])
+    if steps.size == 0:
+        raise ConfigError(f"{hist_path}: no rows (the run recorded no steps)")
+    written: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    # --- loss
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    loss = np.asarray(cols["loss"], dtype=np.float64)
+    ax.plot(steps, loss, lw=0.8, color="tab:blue", alpha=0.5 if loss.size > 200 else 1.0,
+            label="loss per step")
+    if loss.size > 200:
+        w = max(loss.size // 30, 2)
+        smooth = np.convolve(np.nan_to_num(loss, nan=0.0), np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.6, color="tab:blue", label=f"mean of {w} steps")
+    if "skipped" in cols and np.any(cols["skipped"]):
+        sk = np.asarray(cols["skipped"], dtype=bool)
+        lim = np.nanmax(np.where(np.isfinite(loss), loss, np.nan)) if np.isfinite(loss).any() \
+            else 1.0
+        ax.plot(steps[sk], np.full(int(sk.sum()), lim), "x", color="tab:red",
+                label="skipped step")
+    ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    if np.all(loss[np.isfinite(loss)] > 0) and np.isfinite(loss).any():
+        finite = loss[np.isfinite(loss)]
+        if finite.max() / finite.min() > 100:
+            ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    save(fig, "loss.png")
+
+    layers = _layers(cols, "grad_norm/")
+    if layers:
+        norms = np.stack([np.asarray(cols[f"grad_norm/{x}"], dtype=np.float64) for x in layers])
+        lo, hi = np.log10(vanish) if vanish > 0 else -12.0, np.log10(explode)
+
+        # --- heat map: layers on y (dense0 on top), steps on x
+        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(layers)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logn = np.log10(norms)
+        # A calm sequential map for the healthy band; the three failure states get
+        # saturated colours that appear nowhere inside it.
+        cmap = plt.get_cmap("YlGn").copy()
+        cmap.set_under("#1f3fff")   # vanishing
+        cmap.set_over("#e41a1c")    # exploding
+        cmap.set_bad("#ff00ff")     # non-finite
+        data = np.ma.masked_invalid(logn)
+        data = np.ma.where(np.isneginf(logn), lo - 1.0, data)   # exact zero: vanished
+        data = np.ma.where(np.isposinf(logn), hi + 1.0, data)   # overflowed norm: exploded
+        extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layers) - 0.5, -0.5)
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi,
+                       extent=extent)
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set(xlabel="step", ylabel="layer")
+        ax.set_title(f"log10 gradient norm per layer\nblue: vanishing (< {vanish:g})   "
+                     f"red: exploding (> {explode:g})   magenta: non-finite", fontsize="medium")
+        cb = fig.colorbar(im, ax=ax, extend="both", pad=0.01)
+        cb.set_label("log10 ‖g‖")
+        save(fig, "grad_norm_heatmap.png")
+
+        # --- per-layer norms, log scale, with thresholds
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for x, c, n in zip(layers, _layer_colors(plt, len(layers)), norms, strict=True):
+            ax.plot(steps, _positive(n), lw=1.0, color=c, label=x)
+        ax.axhline(explode, color="tab:red", ls="--", lw=1.5,
+                   label=f"explode threshold {explode:g}")
+        if vanish > 0:
+            ax.axhline(vanish, color="tab:blue", ls="--", lw=1.5,
+                       label=f"vanish threshold {vanish:g}")
+        ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="‖g‖ (L2, W and b)", title="Gradient norm per layer")
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax, len(layers) + 2)
+        save(fig, "grad_norms.png")
+
+    ratio_layers = _layers(cols, "update_ratio/")
+    if ratio_layers:
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for x, c in zip(ratio_layers, _layer_colors(plt, len(ratio_layers)), strict=True):
+            ax.plot(steps, _positive(cols[f"update_ratio/{x}"]), lw=1.0, color=c, label=x)
+        ax.axhline(UPDATE_RATIO_REFERENCE, color="tab:orange", ls="--", lw=1.5,
+                   label=f"reference {UPDATE_RATIO_REFERENCE:g}")
+        ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="‖Δθ‖ / ‖θ‖", title="Update ratio per layer")
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax, len(ratio_layers) + 1)
+        save(fig, "update_ratios.png")
+
+    phases = [p for p in PHASES if f"time/{p}" in cols]
+    if phases:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        ys = [np.nan_to_num(np.asarray(cols[f"time/{p}"], dtype=np.float64)) * 1e3
+              for p in phases]
+        ax.stackplot(steps, *ys, labels=phases, alpha=0.85)
+        ax.set(xlabel="step", ylabel="ms per step", title="Time per step by phase")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper right")
+        save(fig, "phase_times.png")
+
+    mem_path = run_dir / "memory.parquet"
+    if mem_path.exists():
+        mem = _read(mem_path)
+        for c in ("step", "worker", "rss_bytes", "activation_bytes"):
+            if c not in mem:
+                raise ConfigError(f"{mem_path}: missing column {c!r}")
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+        workers = np.unique(mem["worker"])
+        rss_div, rss_unit = _byte_unit(mem["rss_bytes"])
+        act_div, act_unit = _byte_unit(mem["activation_bytes"])
+        for w, c in zip(workers, _layer_colors(plt, len(workers)), strict=True):
+            sel = mem["worker"] == w
+            ax1.plot(mem["step"][sel], mem["rss_bytes"][sel] / rss_div, color=c, marker=".",
+                     label=f"worker {w} RSS")
+            if "peak_rss_bytes" in mem:
+                ax1.plot(mem["step"][sel], mem["peak_rss_bytes"][sel] / rss_div, color=c,
+                         ls=":", label=f"worker {w} peak")
+            ax2.plot(mem["step"][sel], mem["activation_bytes"][sel] / act_div, color=c,
+                     marker=".", label=f"worker {w}")
+        ax1.set(ylabel=rss_unit, title="Resident memory per worker")
+        ax2.set(xlabel="step", ylabel=act_unit,
+                title="Activations held for backward per worker")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.set_ylim(bottom=0)
+            _legend(ax, 2 * len(workers))
+        save(fig, "memory.png")
+
+    return written
+
+
+__all__ = ["make_report"]

@@ -1,0 +1,315 @@
+"""`Coordinator`: owns the training state and the loop over chunks.
+
+A small state machine, STARTING → RUNNING → RECOVERING → FINISHED | FAILED,
+with its collaborators injected (a group factory, the metrics sink, the
+checkpoint writer), so it runs the same in one process, over Ray actors, and
+under mpiexec.
+
+Each chunk the coordinator receives per-step statistics, verifies that the
+replicas' parameter checksums agree, feeds metrics and history, and commits
+the state in memory (so a worker failure rewinds at most one chunk) and, when
+due, to disk.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import TrainConfig
+from .group import WorkerFailure, WorkerGroup
+from .worker import PHASES, StatsBuffer, build_optimizer, build_schedule
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class TrainingFailed(RuntimeError):
+    """Training could not complete (exit status 1); the message says why and where to resume."""
+
+
+@dataclass
+class Commit:
+    """The last consistent training state: after `step` steps."""
+
+    step: int
+    state: dict[str, np.ndarray]
+
+
+@dataclass
+class CoordinatorHooks:
+    """Collaborators; each is optional."""
+
+    on_chunk: Callable[[dict[str, np.ndarray], dict[int, dict]], None] | None = None
+    on_commit: Callable[[Commit], None] | None = None  # e.g. write a checkpoint when due
+    on_restart: Callable[[str], None] | None = None
+    progress: Callable[[int, float], None] | None = None  # (steps done, last loss)
+
+
+@dataclass
+class RunStats:
+    first_step_start: float | None = None
+    last_step_end: float | None = None
+    samples: int = 0
+    restarts: int = 0
+    skipped: int = 0
+    recovery_seconds: list[float] = field(default_factory=list)
+    losses: list[np.ndarray] = field(default_factory=list)
+
+
+class Coordinator:
+    """Drives a `WorkerGroup` from `commit.step` to `total_steps`."""
+
+    def __init__(self, config: TrainConfig, group_factory: Callable[[], WorkerGroup],
+                 total_steps: int, commit: Commit, hooks: CoordinatorHooks | None = None,
+                 layer_names: list[str] | None = None, n_params: int | None = None,
+                 param_dtype=np.float32, layer_slices: list[slice] | None = None):
+        self.config = config
+        self.group_factory = group_factory
+        self.total_steps = total_steps
+        self.commit = commit
+        self.hooks = hooks or CoordinatorHooks()
+        self.state = State.STARTING
+        self.stats = RunStats()
+        self.group: WorkerGroup | None = None
+        self.failures = 0
+        self.layer_names = layer_names or []
+        self._step_estimate: float | None = None
+        self._consecutive_skips = 0
+        # `--update-on coordinator`: the master copy and its optimizer live here.
+        self.master: np.ndarray | None = None
+        if config.update_on == "coordinator" and not config.local:
+            self.master = commit.state["params"].copy()
+            self._opt = _MasterOptimizer(config, n_params or self.master.size, param_dtype,
+                                         layer_slices or [slice(0, self.master.size)],
+                                         total_steps)
+            self._opt.load(commit.state)
+
+    # ------------------------------------------------------------------------------
+    def _start_group(self) -> None:
+        self.group = self.group_factory()
+        self.group.start()
+        if self.commit.step > 0 or self.commit.state.get("_restored") is not None:
+            self.group.load_state({k: v for k, v in self.commit.state.items()
+                                   if not k.startswith("_")})
+
+    def _chunk_size(self, step: int) -> int:
+        c = self.config
+        remaining = self.total_steps - step
+        if c.chunk_steps:
+            k = c.chunk_steps
+        elif self._step_estimate is None:
+            k = 2  # a short first chunk measures the step time
+        else:
+            k = int(max(1, min(10_000, round(1.0 / max(self._step_estimate, 1e-6)))))
+        if c.checkpoint_every:
+            k = min(k, c.checkpoint_every - step % c.checkpoint_every)
+        return max(1, min(k, remaining))
+
+    def _deadline(self, k: int) -> float:
+        """Watchdog: generous while the step time is unknown, then 10× the expected chunk."""
+        if self._step_estimate is None:
+            return 300.0
+        return max(20.0, 10.0 * k * self._step_estimate)
+
+    def run(self) -> Commit:
+        """Train to `total_steps`; returns the final commit. Raises `TrainingFailed`."""
+        try:
+            self._start_group()
+            self.state = State.RUNNING
+            while self.commit.step < self.total_steps:
+                try:
+                    self._run_one_chunk()
+                except WorkerFailure as exc:
+                    self._recover(exc)
+            self.state = State.FINISHED
+            return self.commit
+        except BaseException:
+            if self.state is not State.FINISHED:
+                self.state = State.FAILED
+            raise
+        finally:
+            if self.group is not None:
+                self.group.shutdown(graceful=self.state is State.FINISHED) \
+                    if hasattr(self.group, "pids") else self.group.shutdown()
+                self.group = None
+
+    def _recover(self, exc: WorkerFailure) -> None:
+        self.failures += 1
+        if self.failures > self.config.max_failures:
+            raise TrainingFailed(f"{exc}; giving up after {self.failures} failure(s) "
+                                 f"(--max-failures {self.config.max_failures})") from None
+        self.state = State.RECOVERING
+        t0 = time.monotonic()
+        if self.hooks.on_restart:
+            self.hooks.on_restart(str(exc))
+        self.group.shutdown()
+        self.group = None
+        self._start_group()
+        self.stats.restarts += 1
+        self.stats.recovery_seconds.append(time.monotonic() - t0)
+        self.state = State.RUNNING
+
+    def _run_one_chunk(self) -> None:
+        step = self.commit.step
+        k = self._chunk_size(step)
+        t0 = time.time()
+        if self.stats.first_step_start is None:
+            self.stats.first_step_start = t0
+        if self.master is not None:
+            stats, memory = self._coordinator_chunk(step, k)
+            state = self._opt.state_with(self.master)
+        else:
+            results = self.group.run_chunk(step, k, self._deadline(k), want_state=True)
+            _check_replicas(results)
+            stats = results[0]["stats"]
+            memory = {r["rank"]: r["memory"] for r in results}
+            state = results[0]["state"]
+        self.stats.last_step_end = time.time()
+        n = len(stats["step"])
+        if n:
+            self._step_estimate = float(np.median(stats["step_seconds"]))
+        self.stats.samples += int(stats["samples"].sum())
+        self.stats.skipped += int(stats["skipped"].sum())
+        self.stats.losses.append(stats["loss"].copy())
+        self.commit = Commit(step + n, state)
+        if self.hooks.on_chunk:
+            self.hooks.on_chunk(stats, memory)
+        if self.hooks.progress and n:
+            self.hooks.progress(self.commit.step, float(stats["loss"][-1]))
+        if self.hooks.on_commit:
+            self.hooks.on_commit(self.commit)
+        skips = _trailing_true(stats["skipped"])
+        self._consecutive_skips = skips if skips < n else self._consecutive_skips + n
+        skips = self._consecutive_skips
+        if n and stats["skipped"][-1] and self.config.on_nonfinite == "abort":
+            raise TrainingFailed(f"non-finite gradient at step {int(stats['step'][-1])} "
+                                 "(--on-nonfinite abort)")
+        if skips >= self.config.max_consecutive_skips:
+            raise TrainingFailed(
+                f"{skips} consecutive steps skipped for non-finite gradients, ending at step "
+                f"{int(stats['step'][-1])} (--max-consecutive-skips "
+                f"{self.config.max_consecutive_skips}); try a lower --lr or --clip-norm")
+
+    def _coordinator_chunk(self, start: int, k: int) -> tuple[dict[str, np.ndarray], dict]:
+        """Parameter-server placement: per step, workers reduce, the coordinator updates."""
+        buf = StatsBuffer(k, len(self.layer_names))
+        a = buf.a
+        memory: dict[int, dict] = {}
+        n = 0
+        consecutive = self._consecutive_skips
+        for i in range(k):
+            step = start + i
+            t0 = time.perf_counter()
+            r = self.group.grad_step(step, self.master, self._deadline(1))
+            t_upd = time.perf_counter()
+            lr = self._opt.schedule(step)
+            if r["skipped"]:
+                consecutive += 1
+                a["update_ratio"][i] = 0.0
+            else:
+                consecutive = 0
+                lr = self._opt.step(self.master, r["grads"], step, r["grad_global_norm"])
+                a["update_ratio"][i] = self._opt.optimizer.update_ratios()
+            t1 = time.perf_counter()
+            a["step"][i], a["epoch"][i] = step, 0
+            a["loss"][i], a["samples"][i], a["lr"][i] = r["loss"], r["samples"], lr
+            a["grad_global_norm"][i], a["grad_norm"][i] = r["grad_global_norm"], r["grad_norm"]
+            a["grad_max_abs"][i] = float(np.max(np.abs(r["grads"]))) if r["grads"].size else 0.0
+            a["nonfinite"][i], a["skipped"][i] = r["nonfinite"], r["skipped"]
+            a["step_seconds"][i] = t1 - t0
+            a["phase_seconds"][i] = r["phase_seconds"]
+            a["phase_seconds"][i][PHASES.index("update")] = t1 - t_upd
+            memory = r.get("memory_all", {0: r["memory"]})
+            n = i + 1
+            if consecutive >= self.config.max_consecutive_skips or (
+                    r["skipped"] and self.config.on_nonfinite == "abort"):
+                break
+        out = buf.trimmed(n)
+        out["epoch"][:] = out["step"] // max(self._steps_per_epoch, 1)
+        return out, memory
+
+    _steps_per_epoch = 1
+
+    def set_steps_per_epoch(self, spe: int) -> None:
+        self._steps_per_epoch = spe
+
+
+class _MasterOptimizer:
+    """The coordinator's copy of the update rule for `--update-on coordinator`."""
+
+    def __init__(self, config: TrainConfig, size: int, dtype, segments: list[slice],
+                 total_steps: int):
+        from ..optim import make_optimizer
+        self.config = config
+        self.optimizer = make_optimizer(config.optimizer, size, dtype, momentum=config.momentum,
+                                        weight_decay=config.weight_decay, segments=segments)
+        self.schedule = build_schedule(config, total_steps)
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        opt = {k[4:]: v for k, v in state.items() if k.startswith("opt/")}
+        if opt:
+            self.optimizer.load_state_(opt)
+
+    def step(self, params: np.ndarray, grads: np.ndarray, step: int, gnorm: float) -> float:
+        from ..optim import clip_grad_norm_
+        lr = self.schedule(step)
+        clip_grad_norm_(grads, self.config.clip_norm, norm=gnorm)
+        self.optimizer.step_(params, grads, lr)
+        return lr
+
+    def state_with(self, params: np.ndarray) -> dict[str, np.ndarray]:
+        out = {"params": params.copy()}
+        out.update({f"opt/{k}": v.copy() for k, v in self.optimizer.state.items()})
+        return out
+
+
+def _check_replicas(results: list[dict[str, Any]]) -> None:
+    sums = [r["checksum"] for r in results]
+    if any(s != sums[0] for s in sums[1:]):
+        detail = ", ".join(f"rank {r['rank']}: Σθ={s[0]!r}" for r, s in zip(results, sums,
+                                                                             strict=True))
+        raise TrainingFailed(f"replicas diverged (parameter checksums differ: {detail})")
+
+
+def _trailing_true(flags: np.ndarray) -> int:
+    n = 0
+    for f in reversed(np.asarray(flags)):
+        if not f:
+            break
+        n += 1
+    return n
+
+
+def initial_commit(config: TrainConfig, n_in: int, n_out: int) -> Commit:
+    """Step 0: the seeded initial parameters and a zero optimizer state."""
+    from .worker import build_model
+    model = build_model(config, n_in, n_out)
+    opt = build_optimizer(config, model)
+    state = {"params": model.params.copy()}
+    state.update({f"opt/{k}": v.copy() for k, v in opt.state.items()})
+    return Commit(0, state)
+
+
+def summarize_losses(losses: list[np.ndarray], last: int) -> float:
+    """Mean of the last `last` finite step losses (the final epoch's training loss)."""
+    if not losses:
+        return math.nan
+    allv = np.concatenate(losses)[-max(last, 1):]
+    allv = allv[np.isfinite(allv)]
+    return float(allv.mean()) if allv.size else math.nan
+
+
+__all__ = ["Coordinator", "CoordinatorHooks", "Commit", "State", "TrainingFailed",
+           "initial_commit", "summarize_losses"]

@@ -1,0 +1,294 @@
+"""Worker groups: the same protocol in one process (`LocalGroup`) and over Ray actors (`RayGroup`).
+
+A group runs a chunk of steps on every replica and returns the per-rank
+results. Failures surface as `WorkerFailure` naming the rank(s): an actor's
+death (`ActorDiedError`) or a watchdog deadline with no chunk back. MPI never
+reports a dead peer (survivors stay blocked inside the collective), so the
+only remedy is to kill the whole group and start a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..config import TrainConfig
+from .worker import Faults, Worker
+
+
+class WorkerFailure(RuntimeError):
+    """A replica died or hung; `ranks` names them."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+@dataclass
+class GroupSpec:
+    """What every replica needs to build itself (small: arrays travel as a cache path)."""
+
+    config: TrainConfig
+    cache_path: str | None
+    n_out: int
+    loss: str
+    total_steps: int
+    faults_json: str | None = None
+
+
+class WorkerGroup(Protocol):
+    size: int
+
+    def start(self) -> None: ...
+    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]: ...
+    def grad_step(self, step: int, params: np.ndarray | None,
+                  deadline: float) -> dict[str, Any]: ...
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class LocalGroup:
+    """One in-process replica on `LocalComm`: `--local` mode, no Ray, no MPI."""
+
+    size = 1
+
+    def __init__(self, spec: GroupSpec, x: np.ndarray, y: np.ndarray):
+        self.spec, self.x, self.y = spec, x, y
+        self.worker: Worker | None = None
+
+    def start(self) -> None:
+        s = self.spec
+        self.worker = Worker(s.config, 0, 1, self.x, self.y, s.n_out, s.loss, s.total_steps,
+                             faults=Faults.from_env())
+
+    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]:
+        res = self.worker.run_chunk(start, k)
+        res["checksum"] = self.worker.checksum()
+        if want_state:
+            res["state"] = self.worker.state()
+        return [res]
+
+    def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
+        return grad_step(self.worker, step, params)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.worker.load_state_(state)
+
+    def shutdown(self) -> None:
+        self.worker = None
+
+
+def grad_step(worker: Worker, step: int, params: np.ndarray | None) -> dict[str, Any]:
+    """`--update-on coordinator`: set params, compute the reduced gradient, return it (rank 0)."""
+    if params is not None:
+        worker.set_params_(params)
+    worker._t = t = np.zeros(4)
+    t0 = time.perf_counter()
+    _, samples = worker.compute_grad(step)
+    loss, gnorm, nonfinite, skip = worker.health_and_decide()
+    out: dict[str, Any] = {
+        "rank": worker.rank, "loss": loss, "samples": samples, "grad_global_norm": gnorm,
+        "grad_norm": worker._norms.copy(), "nonfinite": nonfinite, "skipped": skip,
+        "phase_seconds": np.array([t[0] - t0, t[1] - t[0], t[2] - t[1], t[3] - t[2], 0.0]),
+        "memory": worker.memory(),
+    }
+    if worker.rank == 0:
+        out["grads"] = worker.model.grads.copy()
+    return out
+
+
+def _limit_blas(cpus: int) -> None:
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=cpus)
+
+
+class _ActorBody:
+    """The plain class a Ray actor wraps: builds a `Worker` from a `GroupSpec`."""
+
+    def __init__(self, spec: GroupSpec, rank: int, world: int):
+        _limit_blas(spec.config.cpus_per_worker)
+        from ..data import load_training_data, open_cache
+        if spec.cache_path and os.path.exists(spec.cache_path):
+            x, y = open_cache(spec.cache_path)
+        else:  # another node: read the source once more (deterministic)
+            b = load_training_data(spec.config)
+            x, y = b.x_train, b.y_train
+        if spec.faults_json:
+            os.environ["DISTBACKPROP_TEST_FAULTS"] = spec.faults_json
+        self.worker = Worker(spec.config, rank, world, x, y, spec.n_out, spec.loss,
+                             spec.total_steps, faults=Faults.from_env())
+        self.rank, self.world = rank, world
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def open_port(self) -> str:
+        from ..comm.mpi import open_port
+        return open_port(self.world)
+
+    def join(self, port: str, timeout: float) -> int:
+        """Form the group (rank 0's join closes the ports, on success or failure)."""
+        from ..comm.mpi import join
+        comm = join(port, self.rank, self.world, timeout)
+        self.worker.set_comm(comm)
+        return comm.size
+
+    def run_chunk(self, start: int, k: int, want_state: bool) -> dict:
+        res = self.worker.run_chunk(start, k)
+        res["checksum"] = self.worker.checksum()
+        if want_state and self.rank == 0:
+            res["state"] = self.worker.state()
+        return res
+
+    def grad_step(self, step: int, params) -> dict:
+        return grad_step(self.worker, step, params)
+
+    def load_state(self, state: dict) -> None:
+        self.worker.load_state_(state)
+
+    def close(self) -> None:
+        self.worker.comm.close()
+
+
+class RayGroup:
+    """N Ray actors in a placement group, joined by one MPI communicator."""
+
+    def __init__(self, spec: GroupSpec, rendezvous_timeout: float = 60.0):
+        self.spec = spec
+        self.size = spec.config.workers
+        self.rendezvous_timeout = rendezvous_timeout
+        self.actors: list = []
+        self.pids: list[int] = []
+        self.pg = None
+
+    def start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cfg = self.spec.config
+        cpus = cfg.cpus_per_worker
+        self.pg = placement_group([{"CPU": cpus}] * self.size,
+                                  strategy="PACK" if cfg.placement == "pack" else "SPREAD")
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.rendezvous_timeout)
+        if not ready:
+            self.shutdown()
+            raise WorkerFailure(
+                f"could not place {self.size} workers × {cpus} CPU within "
+                f"{self.rendezvous_timeout:.0f} s (cluster resources: "
+                f"{ray.cluster_resources().get('CPU', 0):.0f} CPU)", list(range(self.size)))
+        env = {k: str(cpus) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                      "MKL_NUM_THREADS")}
+        actor_cls = ray.remote(_ActorBody)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=cpus, max_restarts=0, max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env},
+            ).remote(self.spec, i, self.size)
+            for i in range(self.size)
+        ]
+        self.pids = self._gather([a.pid.remote() for a in self.actors],
+                                 self.rendezvous_timeout, "start")
+        if self.size > 1:
+            port = self._gather([self.actors[0].open_port.remote()],
+                                self.rendezvous_timeout, "open an MPI port")[0]
+            sizes = self._gather([a.join.remote(port, self.rendezvous_timeout)
+                                  for a in self.actors],
+                                 self.rendezvous_timeout + 5, "join the MPI communicator")
+            if any(s != self.size for s in sizes):
+                raise WorkerFailure(f"communicator formed with sizes {sizes}, expected "
+                                    f"{self.size}", list(range(self.size)))
+
+    def _gather(self, refs: list, deadline: float, what: str) -> list:
+        """ray.get with a deadline; the first actor death or the deadline → WorkerFailure."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        index = {r: i for i, r in enumerate(refs)}
+        pending = list(refs)
+        results: dict[int, Any] = {}
+        end = time.monotonic() + deadline
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, end - time.monotonic()))
+            if not ready:
+                missing = sorted(index[r] for r in pending)
+                raise WorkerFailure(
+                    f"worker rank(s) {', '.join(map(str, missing))} did not {what} within "
+                    f"{deadline:.1f} s (hung, or blocked on a peer that hung)", missing)
+            r = ready[0]
+            try:
+                results[index[r]] = ray.get(r)
+            except RayActorError as exc:
+                raise WorkerFailure(f"worker rank {index[r]} died while trying to {what}: "
+                                    f"{type(exc).__name__}", [index[r]]) from None
+            except RayTaskError as exc:
+                raise WorkerFailure(f"worker rank {index[r]} failed to {what}: "
+                                    f"{exc.cause!r}", [index[r]]) from None
+        return [results[i] for i in sorted(results)]
+
+    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]:
+        return self._gather([a.run_chunk.remote(start, k, want_state) for a in self.actors],
+                            deadline, f"finish steps {start}..{start + k - 1}")
+
+    def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
+        import ray
+        ref = ray.put(params) if params is not None else None
+        res = self._gather([a.grad_step.remote(step, ref) for a in self.actors], deadline,
+                           f"finish step {step}")
+        out = res[0]
+        out["memory_all"] = {r["rank"]: r["memory"] for r in res}
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        import ray
+        ref = ray.put(state)
+        self._gather([a.load_state.remote(ref) for a in self.actors], 120, "load state")
+
+    def shutdown(self, graceful: bool = False) -> None:
+        """Kill every actor (waiting until its process is gone) and remove the placement group."""
+        import ray
+        if graceful and self.actors:
+            try:
+                self._gather([a.close.remote() for a in self.actors], 10, "close")
+            except WorkerFailure:
+                pass
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        _wait_pids_gone(self.pids, 15.0)
+        self.actors, self.pids = [], []
+        if self.pg is not None:
+            try:
+                from ray.util.placement_group import remove_placement_group
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self.pg = None
+
+
+def _wait_pids_gone(pids: list[int], timeout: float) -> None:
+    import psutil
+    end = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+        try:
+            p.wait(timeout=max(0.1, end - time.monotonic()))
+        except psutil.TimeoutExpired:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        except psutil.NoSuchProcess:
+            pass

@@ -1,0 +1,278 @@
+"""`Worker`: one data-parallel replica as a plain class (Ray wraps it in a thin actor).
+
+One call runs a chunk of K steps; per step:
+forward → backward into the flat gradient buffer → in-place SUM allreduce →
+health statistics on the reduced gradient → collective skip decision → update.
+Replicas apply the same arithmetic to the same reduced gradient, so they stay
+identical; `checksum()` lets the coordinator verify that every chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..nn import MLP
+from ..optim import Optimizer, Schedule, clip_grad_norm_, make_optimizer
+
+PHASES = ("data", "forward", "backward", "allreduce", "update")
+
+
+@dataclass
+class Faults:
+    """Test-only fault injection (from DISTBACKPROP_TEST_FAULTS, JSON): never set in production."""
+
+    nan_at: dict[int, list[int]] = field(default_factory=dict)   # step -> ranks
+    hang_at: dict[int, list[int]] = field(default_factory=dict)  # step -> ranks
+    exit_at: dict[int, list[int]] = field(default_factory=dict)  # step -> ranks (os._exit)
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        import json
+        raw = os.environ.get("DISTBACKPROP_TEST_FAULTS")
+        if not raw:
+            return cls()
+        d = json.loads(raw)
+        conv = {k: {int(s): list(r) for s, r in d.get(k, {}).items()}
+                for k in ("nan_at", "hang_at", "exit_at")}
+        return cls(**conv)
+
+    def hits(self, kind: str, step: int, rank: int) -> bool:
+        return rank in getattr(self, kind).get(step, ())
+
+
+def build_model(config: TrainConfig, n_in: int, n_out: int) -> MLP:
+    """The config's MLP, initialised from `config.seed` (identical on every replica)."""
+    return MLP([n_in, *config.hidden, n_out], activation=config.activation,
+               dtype=np.dtype(config.dtype), seed=config.seed, init=config.resolved_init)
+
+
+def build_optimizer(config: TrainConfig, model: MLP) -> Optimizer:
+    return make_optimizer(config.optimizer, model.params.size, model.dtype,
+                          momentum=config.momentum, weight_decay=config.weight_decay,
+                          segments=list(model.layer_slices().values()),
+                          threads=config.cpus_per_worker)
+
+
+def build_schedule(config: TrainConfig, total_steps: int) -> Schedule:
+    return Schedule(config.lr_schedule, config.lr, total_steps, config.warmup_steps,
+                    config.lr_step_size, config.lr_gamma)
+
+
+class StatsBuffer:
+    """Preallocated per-step statistics for one chunk (names as in the team brief)."""
+
+    def __init__(self, k: int, n_layers: int):
+        self.k = k
+        self.a: dict[str, np.ndarray] = {
+            "step": np.zeros(k, np.int64), "epoch": np.zeros(k, np.int64),
+            "loss": np.zeros(k), "samples": np.zeros(k, np.int64), "lr": np.zeros(k),
+            "grad_global_norm": np.zeros(k), "grad_norm": np.zeros((k, n_layers)),
+            "update_ratio": np.zeros((k, n_layers)), "grad_max_abs": np.zeros(k),
+            "nonfinite": np.zeros(k, np.int64), "skipped": np.zeros(k, bool),
+            "step_seconds": np.zeros(k), "phase_seconds": np.zeros((k, len(PHASES))),
+        }
+
+    def trimmed(self, n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in self.a.items()}
+
+
+class Worker:
+    """One replica: model, optimizer state, data shard, communicator.
+
+    `x, y` are this node's training arrays (memory-mapped views in the
+    distributed runtime); the rank's share of each global batch is cut by the
+    `Batcher`, so every rank sees exactly its slice of the one-process batch.
+    """
+
+    def __init__(self, config: TrainConfig, rank: int, world: int, x: np.ndarray, y: np.ndarray,
+                 n_out: int, loss: str, total_steps: int, comm=None, faults: Faults | None = None):
+        from ..comm import LocalComm
+        from ..data import Batcher
+
+        self.config, self.rank, self.world = config, rank, world
+        self.comm = comm if comm is not None else LocalComm()
+        self.loss = loss
+        self.model = build_model(config, x.shape[1], n_out)
+        self.optimizer = build_optimizer(config, self.model)
+        self.schedule = build_schedule(config, total_steps)
+        self.total_steps = total_steps
+        self.batcher = Batcher(x, y, config.batch_size, config.seed, rank=rank, world=world)
+        self.steps_per_epoch = self.batcher.steps_per_epoch
+        self.faults = faults or Faults()
+        self._slices = list(self.model.layer_slices().values())
+        self._norms = np.zeros(len(self._slices))
+        self._ctrl = np.zeros(2, dtype=np.float64)
+        self._bucketer = None
+        self._make_bucketer()
+        self.peak_activation_bytes = 0
+        self.consecutive_skips = 0
+
+    # state ------------------------------------------------------------------------
+    def set_comm(self, comm) -> None:
+        self.comm = comm
+        self._make_bucketer()
+
+    def _make_bucketer(self) -> None:
+        """`--overlap`: buckets of the flat gradient, each reduced as soon as backward fills it."""
+        self._bucketer = None
+        if self.config.overlap and self.comm.size > 1:
+            from ..comm import BucketedAllreduce
+            slices = self.model.layer_slices()
+            self._bucketer = BucketedAllreduce(
+                self.comm, self.model.grads,
+                [(n, slices[n]) for n in reversed(self.model.layer_names)])
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Params and optimizer state (copies): what a commit or checkpoint stores."""
+        out = {"params": self.model.params.copy()}
+        out.update({f"opt/{k}": v.copy() for k, v in self.optimizer.state.items()})
+        return out
+
+    def load_state_(self, state: dict[str, np.ndarray]) -> None:
+        self.model.params[...] = state["params"]
+        self.optimizer.load_state_({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
+
+    def set_params_(self, params: np.ndarray) -> None:
+        self.model.params[...] = params
+
+    def checksum(self) -> tuple[float, float]:
+        """(Σθ, Σθ²) in float64 over the flat parameter buffer."""
+        p = self.model.params
+        return float(np.sum(p, dtype=np.float64)), float(np.dot(p, p))
+
+    def memory(self) -> dict[str, int]:
+        from ..metrics.memory import peak_rss_bytes, rss_bytes
+        return {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+                "activation_bytes": int(self.peak_activation_bytes)}
+
+    # the step -----------------------------------------------------------------------
+    def compute_grad(self, step: int) -> tuple[float, int]:
+        """Forward + backward + allreduce for global `step`. Returns (global loss, samples).
+
+        `model.grads` then holds the global mean gradient (identical on every rank).
+        """
+        t = self._t
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        x, y, global_count = self.batcher.batch(epoch, pos)
+        t[0] = time.perf_counter()
+        hook = None
+        if self._bucketer is not None:
+            hook = self._bucketer.mark_ready_
+        y_hat = self.model.forward(x)
+        self.peak_activation_bytes = max(self.peak_activation_bytes,
+                                         self.model.activation_bytes())
+        t[1] = time.perf_counter()
+        from ..nn.losses import loss_and_grad
+        dy = self._dy_buffer(y_hat)
+        local_loss = loss_and_grad(self.loss, y_hat, y, float(global_count), dy)
+        self.model.backward(dy, on_layer_done=hook)
+        if self.faults.hits("nan_at", step, self.rank):
+            self.model.grads[0] = np.nan
+        if self.faults.hits("hang_at", step, self.rank):
+            time.sleep(3600)
+        if self.faults.hits("exit_at", step, self.rank):
+            os._exit(137)
+        t[2] = time.perf_counter()
+        if self._bucketer is not None:
+            self._bucketer.wait_all()
+        else:
+            self.comm.allreduce_(self.model.grads)
+        self._ctrl[0] = local_loss
+        self._ctrl[1] = 0.0 if math.isfinite(local_loss) else 1.0
+        t[3] = time.perf_counter()
+        return local_loss, global_count
+
+    def _dy_buffer(self, y_hat: np.ndarray) -> np.ndarray:
+        buf = getattr(self, "_dy", None)
+        if buf is None or buf.shape[0] < y_hat.shape[0] or buf.shape[1] != y_hat.shape[1]:
+            buf = self._dy = np.empty((max(y_hat.shape[0], 1), y_hat.shape[1]), y_hat.dtype)
+        return buf[: y_hat.shape[0]]
+
+    def health_and_decide(self) -> tuple[float, float, int, bool]:
+        """Per-layer norms of the reduced gradient, then the collective skip decision.
+
+        Returns (global loss, global grad norm, non-finite count, skip). The
+        skip flag is SUM-allreduced with the loss (a SUM of 0/1 flags > 0 is
+        their MAX), so every rank takes the same decision even if its local
+        data alone would not have shown the problem.
+        """
+        g = self.model.grads
+        _layer_norms_into(g, self._slices, self._norms)
+        gnorm = math.sqrt(float(np.sum(self._norms ** 2)))
+        nonfinite = 0
+        if not math.isfinite(gnorm):
+            nonfinite = int(g.size - np.count_nonzero(np.isfinite(g)))
+            self._ctrl[1] = 1.0
+        self.comm.allreduce_(self._ctrl)
+        return float(self._ctrl[0]), gnorm, nonfinite, bool(self._ctrl[1] > 0)
+
+    def apply_update(self, step: int, gnorm: float) -> float:
+        """Clip to `clip_norm` (with the ‖g‖ already computed), then step. Returns lr."""
+        lr = self.schedule(step)
+        clip_grad_norm_(self.model.grads, self.config.clip_norm, norm=gnorm)
+        self.optimizer.step_(self.model.params, self.model.grads, lr)
+        return lr
+
+    def run_chunk(self, start: int, k: int, update: bool = True) -> dict[str, Any]:
+        """Run global steps [start, start + k). Returns per-step stats and this worker's memory."""
+        self._t = t = np.zeros(4)
+        buf = StatsBuffer(k, len(self._slices))
+        a = buf.a
+        n = 0
+        for i in range(k):
+            step = start + i
+            t_start = time.perf_counter()
+            loss_local, samples = self.compute_grad(step)
+            loss, gnorm, nonfinite, skip = self.health_and_decide()
+            a["grad_norm"][i] = self._norms
+            a["grad_max_abs"][i] = _max_abs(self.model.grads, self._slices)
+            lr = self.schedule(step)
+            if skip:
+                self.consecutive_skips += 1
+                a["update_ratio"][i] = 0.0
+            else:
+                self.consecutive_skips = 0
+                if update:
+                    lr = self.apply_update(step, gnorm)
+                    a["update_ratio"][i] = self.optimizer.update_ratios()
+            t_end = time.perf_counter()
+            a["step"][i], a["epoch"][i] = step, step // self.steps_per_epoch
+            a["loss"][i], a["samples"][i], a["lr"][i] = loss, samples, lr
+            a["grad_global_norm"][i], a["nonfinite"][i], a["skipped"][i] = gnorm, nonfinite, skip
+            a["step_seconds"][i] = t_end - t_start
+            ph = a["phase_seconds"][i]
+            ph[0] = t[0] - t_start
+            ph[1] = t[1] - t[0]
+            ph[2] = t[2] - t[1]
+            ph[3] = t[3] - t[2]
+            ph[4] = t_end - t[3]
+            n = i + 1
+            if (skip and self.config.on_nonfinite == "abort") or \
+                    self.consecutive_skips >= self.config.max_consecutive_skips:
+                break
+        return {"stats": buf.trimmed(n), "memory": self.memory(), "rank": self.rank,
+                "consecutive_skips": self.consecutive_skips}
+
+
+def _layer_norms_into(g: np.ndarray, slices: list[slice], out: np.ndarray) -> None:
+    """out[i] ← ‖g[slices[i]]‖₂ (a BLAS dot per layer, no temporaries)."""
+    for i, sl in enumerate(slices):
+        v = g[sl]
+        out[i] = math.sqrt(float(np.dot(v, v))) if v.size else 0.0
+
+
+def _max_abs(g: np.ndarray, slices: list[slice]) -> float:
+    """max |g| without a full-size temporary (max and −min per layer)."""
+    m = 0.0
+    for sl in slices:
+        v = g[sl]
+        if v.size:
+            m = max(m, float(v.max()), -float(v.min()))
+    return m

@@ -1,0 +1,284 @@
+"""One communicator test body on three backends, and the rendezvous' failure modes.
+
+LocalComm runs in this process. MpiComm runs over two Ray actors (rendezvous by
+Open_port/Accept/Connect) and under `mpiexec -n 2`. This process never imports mpi4py.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tests.comm.body as body
+from distbackprop.comm import (
+    BucketedAllreduce,
+    Communicator,
+    LocalComm,
+    RendezvousError,
+    checksum,
+    flag_max,
+)
+from tests.conftest import require_module, require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+JOIN_TIMEOUT = 30.0
+SHORT_TIMEOUT = 5.0
+
+
+# ---------------------------------------------------------------- LocalComm ---------------
+
+def test_body_on_local_comm():
+    comm = LocalComm()
+    assert isinstance(comm, Communicator)
+    assert body.run_comm_body(comm) == {"rank": 0, "size": 1, "allreduce_cases": 30,
+                                        "max_buckets": 4}
+
+
+def test_local_helpers_are_identity():
+    comm = LocalComm()
+    x = np.arange(5.0)
+    assert comm.allreduce_(x, "max") is x and np.array_equal(x, np.arange(5.0))
+    assert flag_max(comm, 3.0) == 3.0
+    lo, hi = checksum(comm, x)
+    assert lo == hi and lo == float(int(lo))
+
+
+def test_bucketing_groups_adjacent_layers_and_rejects_gaps():
+    grads = np.zeros(100)
+    # forward layout: dense0 [0:10], dense1 [10:60], dense2 [60:100]; backward order given.
+    layers = [("dense2", slice(60, 100)), ("dense1", slice(10, 60)), ("dense0", slice(0, 10))]
+    ddp = BucketedAllreduce(LocalComm(), grads, layers, bucket_bytes=40 * 8)
+    assert ddp.bucket_bounds == ((60, 100), (10, 60), (0, 10))
+    # A bucket closes once it holds bucket_bytes: dense2 alone is short, dense2+dense1 not.
+    two = BucketedAllreduce(LocalComm(), grads, layers, bucket_bytes=60 * 8)
+    assert two.bucket_bounds == ((10, 100), (0, 10))
+    assert np.shares_memory(ddp._views[0], grads)
+    one = BucketedAllreduce(LocalComm(), grads, layers, bucket_bytes=1 << 30)
+    assert one.bucket_bounds == ((0, 100),)
+    with pytest.raises(ValueError, match="not adjacent"):
+        BucketedAllreduce(LocalComm(), grads, [("a", slice(60, 100)), ("b", slice(0, 10))])
+    with pytest.raises(KeyError, match="unknown layer"):
+        one.mark_ready_("dense9")
+    one.mark_ready_("dense0")
+    with pytest.raises(ValueError, match="twice"):
+        one.mark_ready_("dense0")
+    one.wait_all()
+    one.mark_ready_("dense0")  # rearmed after wait_all
+
+
+def test_rendezvous_error_survives_pickling():
+    err = RendezvousError("rank 1 did not join", rank=0, missing_rank=1)
+    back = pickle.loads(pickle.dumps(err))
+    assert (str(back), back.rank, back.missing_rank) == ("rank 1 did not join", 0, 1)
+
+
+# ---------------------------------------------------------------- MpiComm over Ray ---------
+
+def _comm_actor_class():
+    ray = require_module("ray")
+    # The actor and the body travel by value, so workers need not find `tests` on sys.path.
+    ray.cloudpickle.register_pickle_by_value(body)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    @ray.remote(num_cpus=1)
+    class CommActor:
+        """Test-only actor shell: forms the group through the public API, runs the body."""
+
+        def __init__(self) -> None:
+            self.comm = None
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def open_port(self, size: int) -> str:
+            from distbackprop.comm.mpi import open_port
+            return open_port(size)
+
+        def close_port(self, port: str) -> None:
+            from distbackprop.comm.mpi import close_port
+            close_port(port)
+
+        def join(self, port: str, rank: int, size: int, timeout: float,
+                 delay: float = 0.0) -> dict:
+            from distbackprop.comm.mpi import join
+            time.sleep(delay)
+            t0 = time.monotonic()
+            self.comm = join(port, rank, size, timeout)
+            return {"rank": self.comm.rank, "size": self.comm.size,
+                    "seconds": time.monotonic() - t0}
+
+        def join_with_stuck_step(self, port: str, rank: int, size: int,
+                                 timeout: float) -> dict:
+            """join() while this rank's final step never returns (a wedged MPI call)."""
+            import distbackprop.comm.mpi as mpi
+            verify = mpi._verify
+            mpi._verify = lambda *args: time.sleep(3600)
+            try:
+                return self.join(port, rank, size, timeout)
+            finally:
+                mpi._verify = verify
+
+        def tiny_check(self) -> tuple[int, float, float]:
+            ranks = np.array([float(self.comm.rank)])
+            self.comm.allreduce_(ranks)
+            return self.comm.rank, float(ranks[0]), flag_max(self.comm, float(self.comm.rank))
+
+        def run_body(self) -> dict:
+            return body.run_comm_body(self.comm)
+
+        def ports_all_closed(self) -> bool:
+            # MPICH hands out the lowest free port tag: if join closed every port it
+            # opened, a fresh port gets tag 0 again.
+            from distbackprop.comm.mpi import close_port, open_port
+            port = open_port(2)
+            try:
+                return port.startswith("tag#0$")
+            finally:
+                close_port(port)
+
+        def close(self) -> None:
+            self.comm.close()
+
+        def ping(self) -> str:
+            return "pong"
+
+    return ray, CommActor
+
+
+def _kill_and_reap(ray, actors, pids) -> None:
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    psutil = require_module("psutil")
+    deadline = time.monotonic() + 20
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    assert not alive, f"actor processes {alive} still running after ray.kill"
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+def test_body_on_mpi_comm_over_ray_actors(ray_cluster):
+    ray, CommActor = _comm_actor_class()
+    actors = [CommActor.remote() for _ in range(2)]
+    pids = ray.get([a.pid.remote() for a in actors], timeout=60)
+    try:
+        port = ray.get(actors[0].open_port.remote(2), timeout=60)
+        joined = ray.get([a.join.remote(port, r, 2, JOIN_TIMEOUT)
+                          for r, a in enumerate(actors)], timeout=JOIN_TIMEOUT + 10)
+        assert [(j["rank"], j["size"]) for j in joined] == [(0, 2), (1, 2)]
+        assert ray.get(actors[0].ports_all_closed.remote(), timeout=30)
+        results = ray.get([a.run_body.remote() for a in actors], timeout=120)
+        assert [r["rank"] for r in results] == [0, 1]
+        assert all(r["size"] == 2 and r["allreduce_cases"] == 30 for r in results)
+        ray.get([a.close.remote() for a in actors], timeout=30)
+    finally:
+        _kill_and_reap(ray, actors, pids)
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+def test_three_actors_arriving_in_reverse_order_get_their_actor_index(ray_cluster):
+    """Rank 2 reaches join first, rank 0 last: ranks still equal actor indices."""
+    ray, CommActor = _comm_actor_class()
+    actors = [CommActor.remote() for _ in range(3)]
+    pids = ray.get([a.pid.remote() for a in actors], timeout=60)
+    try:
+        port = ray.get(actors[0].open_port.remote(3), timeout=60)
+        joined = ray.get([a.join.remote(port, r, 3, JOIN_TIMEOUT, delay=0.4 * (2 - r))
+                          for r, a in enumerate(actors)], timeout=JOIN_TIMEOUT + 10)
+        assert [(j["rank"], j["size"]) for j in joined] == [(0, 3), (1, 3), (2, 3)]
+        # Tiny collectives only: 3 busy-polling ranks on 2 cores.
+        checks = ray.get([a.tiny_check.remote() for a in actors], timeout=60)
+        assert checks == [(0, 3.0, 2.0), (1, 3.0, 2.0), (2, 3.0, 2.0)]
+        assert ray.get(actors[0].ports_all_closed.remote(), timeout=30)
+        ray.get([a.close.remote() for a in actors], timeout=30)
+    finally:
+        _kill_and_reap(ray, actors, pids)
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+def test_rendezvous_that_cannot_complete_names_the_missing_rank(ray_cluster):
+    """Size 2, but only one side arrives: both sides fail within the timeout, no hang."""
+    ray, CommActor = _comm_actor_class()
+    a, b = CommActor.remote(), CommActor.remote()
+    pids = ray.get([a.pid.remote(), b.pid.remote()], timeout=60)
+    try:
+        port_a = ray.get(a.open_port.remote(2), timeout=60)  # a joins as rank 0; no rank 1
+        port_b = ray.get(a.open_port.remote(2), timeout=60)  # b joins as rank 1; rank 0 never
+        t0 = time.monotonic()
+        lonely_root = a.join.remote(port_a, 0, 2, SHORT_TIMEOUT)
+        lonely_newcomer = b.join.remote(port_b, 1, 2, SHORT_TIMEOUT)
+        with pytest.raises(RendezvousError) as root_err:
+            ray.get(lonely_root, timeout=SHORT_TIMEOUT + 30)
+        with pytest.raises(RendezvousError) as newcomer_err:
+            ray.get(lonely_newcomer, timeout=SHORT_TIMEOUT + 30)
+        elapsed = time.monotonic() - t0
+        # Bounded by the rendezvous timeout (plus Ray's round trip), not by a hang.
+        assert elapsed < SHORT_TIMEOUT + 10, elapsed
+        assert "rank 1 did not join" in str(root_err.value)
+        assert root_err.value.missing_rank == 1 and root_err.value.rank == 0
+        assert "rank 0 did not accept rank 1" in str(newcomer_err.value)
+        assert newcomer_err.value.missing_rank == 0
+        # MPI returned cleanly: both processes still answer, and a's ports can be released.
+        assert ray.get([a.ping.remote(), b.ping.remote()], timeout=30) == ["pong"] * 2
+        ray.get(a.close_port.remote(port_b), timeout=30)
+        assert ray.get(a.ports_all_closed.remote(), timeout=30)
+    finally:
+        _kill_and_reap(ray, [a, b], pids)
+
+
+# ---------------------------------------------------------------- MpiComm under mpiexec ----
+
+@pytest.mark.mpi
+def test_body_on_mpi_comm_under_mpiexec():
+    mpiexec = require_tool("mpiexec")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [mpiexec, "-n", "2", sys.executable, "-m", "tests.comm.mpi_main"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and its ranks share the session
+        proc.communicate()
+        pytest.fail("mpiexec -n 2 did not finish within 90 s")
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    oks = sorted(line for line in out.replace("COMM-BODY-OK", "\nCOMM-BODY-OK").splitlines()
+                 if line.startswith("COMM-BODY-OK"))
+    assert len(oks) == 2, out
+    assert '"rank": 0' in oks[0] + oks[1] and '"rank": 1' in oks[0] + oks[1]
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+def test_rendezvous_step_that_mpi_never_returns_from_still_ends_in_an_error(ray_cluster):
+    """Past MPI's own timeouts: rank 1 wedges after connecting, so rank 0 blocks in the
+    verifying allreduce; both callers get an error at timeout + grace, and the processes
+    (whose MPI is now unusable) are stopped by PID."""
+    ray, CommActor = _comm_actor_class()
+    actors = [CommActor.remote() for _ in range(2)]
+    pids = ray.get([a.pid.remote() for a in actors], timeout=60)
+    timeout = 3.0
+    try:
+        port = ray.get(actors[0].open_port.remote(2), timeout=60)
+        refs = [actors[0].join.remote(port, 0, 2, timeout),
+                actors[1].join_with_stuck_step.remote(port, 1, 2, timeout)]
+        for ref in refs:
+            with pytest.raises(RendezvousError, match="still blocked .*stop the process"):
+                ray.get(ref, timeout=timeout + 30)
+    finally:
+        _kill_and_reap(ray, actors, pids)

@@ -1,0 +1,230 @@
+"""Gradient-health statistics against values computed directly, and the detectors on
+real networks: a deep sigmoid net vanishes, a large-init relu net explodes, a He-init
+relu net is healthy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distbackprop.metrics import health
+from distbackprop.metrics.health import (
+    PHASES,
+    StepStats,
+    classify,
+    grad_health,
+    layer_norms,
+    update_ratios,
+    update_ratios_between,
+)
+
+SLICES = {"dense0": slice(0, 70), "dense1": slice(70, 100), "dense2": slice(100, 103)}
+
+
+def _direct_norms(flat, slices):
+    return np.array([np.sqrt(np.sum(np.asarray(flat[s], dtype=np.float64) ** 2))
+                     for s in slices.values()])
+
+
+def test_phases_order():
+    assert PHASES == ("data", "forward", "backward", "allreduce", "update")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_layer_norms_equal_direct(dtype):
+    g = np.random.default_rng(1).standard_normal(103).astype(dtype)
+    got = layer_norms(g, SLICES)
+    assert got.dtype == np.float64 and got.shape == (3,)
+    np.testing.assert_allclose(got, _direct_norms(g, SLICES), rtol=1e-6 if dtype == np.float32
+                               else 1e-13)
+
+
+def test_layer_norms_float32_extremes_summed_in_float64():
+    # Squares of 1e-25 underflow and squares of 1e25 overflow in float32; the
+    # float64 re-summation must give the true norms.
+    g = np.ones(103, dtype=np.float32)
+    g[SLICES["dense0"]] = 1e-25
+    g[SLICES["dense1"]] = 1e25
+    got = layer_norms(g, SLICES)
+    direct = _direct_norms(g, SLICES)
+    assert np.all(np.isfinite(got)) and got[0] > 0
+    np.testing.assert_allclose(got, direct, rtol=1e-6)
+
+
+def test_layer_norms_rejects_2d():
+    with pytest.raises(ValueError, match="1-D"):
+        layer_norms(np.zeros((3, 3)), {"a": slice(0, 3)})
+
+
+def test_update_ratios_equal_direct():
+    rng = np.random.default_rng(2)
+    theta = rng.standard_normal(103)
+    delta = 1e-3 * rng.standard_normal(103)
+    want = _direct_norms(delta, SLICES) / _direct_norms(theta, SLICES)
+    np.testing.assert_allclose(update_ratios(delta, theta, SLICES), want, rtol=1e-13)
+
+
+def test_update_ratio_zero_params():
+    theta = np.zeros(103)
+    delta = np.zeros(103)
+    delta[SLICES["dense1"]] = 0.5
+    r = update_ratios(delta, theta, SLICES)
+    assert r[0] == 0.0 and r[1] == np.inf and r[2] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_update_ratios_between_matches_delta_across_blocks(dtype):
+    rng = np.random.default_rng(3)
+    n = 3 * health._BLOCK + 17
+    slices = {"a": slice(0, health._BLOCK + 5), "b": slice(health._BLOCK + 5, n - 3),
+              "c": slice(n - 3, n)}
+    before = rng.standard_normal(n).astype(dtype)
+    after = (before + 1e-3 * rng.standard_normal(n)).astype(dtype)
+    want = (_direct_norms(after.astype(np.float64) - before.astype(np.float64), slices)
+            / _direct_norms(before, slices))
+    np.testing.assert_allclose(update_ratios_between(before, after, slices), want,
+                               rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_grad_health_equals_direct():
+    g = np.random.default_rng(4).standard_normal(110)   # 7 trailing entries in no layer
+    g[5] = -9.5
+    h = grad_health(g, SLICES)
+    inside = g[:103]
+    assert h["grad_global_norm"] == pytest.approx(np.linalg.norm(inside), rel=1e-13)
+    np.testing.assert_allclose(h["grad_norm"], _direct_norms(g, SLICES), rtol=1e-13)
+    assert h["grad_max_abs"] == 9.5
+    assert h["nonfinite"] == 0
+    assert h["nonfinite_per_layer"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_grad_health_counts_nonfinite(dtype):
+    g = np.random.default_rng(5).standard_normal(103).astype(dtype)
+    g[3] = np.nan
+    g[4] = np.inf
+    g[80] = -np.inf
+    g[90] = 42.0
+    h = grad_health(g, SLICES)
+    assert h["nonfinite"] == 3
+    assert h["nonfinite_per_layer"].tolist() == [2, 1, 0]
+    assert not np.isfinite(h["grad_norm"][0]) and not np.isfinite(h["grad_norm"][1])
+    assert np.isfinite(h["grad_norm"][2])
+    assert not np.isfinite(h["grad_global_norm"])
+    assert h["grad_max_abs"] == 42.0            # over the finite entries
+
+
+def test_grad_health_all_nonfinite():
+    g = np.full(103, np.nan)
+    h = grad_health(g, SLICES)
+    assert h["nonfinite"] == 103 and np.isnan(h["grad_max_abs"])
+
+
+def test_classify_rule():
+    norms = np.array([1e-8, 1e-7, 1.0, 1e3, 1001.0, np.nan, np.inf])
+    v, e = classify(norms, 1e-7, 1e3)
+    assert v.tolist() == [True, False, False, False, False, False, False]
+    assert e.tolist() == [False, False, False, False, True, True, True]
+    # a layer with a non-finite entry explodes even if its norm was computed finite
+    v, e = classify(np.ones(3), 1e-7, 1e3, nonfinite_per_layer=np.array([0, 2, 0]))
+    assert e.tolist() == [False, True, False] and not v.any()
+    # vanish_threshold 0 turns the vanishing detector off
+    v, _ = classify(np.array([0.0, 1e-30]), 0.0, 1e3)
+    assert not v.any()
+
+
+def test_classify_per_step_matrix():
+    norms = np.array([[1e-9, 1.0], [1.0, 1e5]])
+    v, e = classify(norms, 1e-7, 1e3)
+    assert v.shape == e.shape == (2, 2)
+    assert v.tolist() == [[True, False], [False, False]]
+    assert e.tolist() == [[False, False], [False, True]]
+
+
+# ------------------------------------------------------------ real networks
+def _mlp_grads(depth: int, activation: str, init: str, init_scale: float = 1.0):
+    from distbackprop.nn import MLP
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16))
+    y = rng.integers(0, 4, 64)
+    m = MLP([16] + [32] * (depth - 1) + [4], activation=activation, init=init,
+            init_scale=init_scale, seed=0)
+    m.loss_and_grad(x, y, loss="cross_entropy")
+    return m, grad_health(m.grads, m.layer_slices())
+
+
+def test_detector_fires_on_deep_sigmoid_network():
+    m, h = _mlp_grads(16, "sigmoid", "xavier")
+    v, e = classify(h["grad_norm"], 1e-7, 1e3, h["nonfinite_per_layer"])
+    assert v[0], f"first layer should vanish: {h['grad_norm']}"
+    assert not v[-1] and not e.any()
+    # the norms fall monotonically-ish from the output back to the input
+    assert h["grad_norm"][0] < 1e-5 * h["grad_norm"][-1]
+
+
+def test_detector_fires_on_exploding_network():
+    m, h = _mlp_grads(12, "relu", "he", init_scale=3.0)
+    v, e = classify(h["grad_norm"], 1e-7, 1e3, h["nonfinite_per_layer"])
+    assert e.all(), h["grad_norm"]
+    assert not v.any()
+
+
+def test_detector_silent_on_healthy_network():
+    m, h = _mlp_grads(12, "relu", "he")
+    v, e = classify(h["grad_norm"], 1e-7, 1e3, h["nonfinite_per_layer"])
+    assert not v.any() and not e.any(), h["grad_norm"]
+    # the statistics of a real model equal the direct computation too
+    np.testing.assert_allclose(h["grad_norm"], _direct_norms(m.grads, m.layer_slices()),
+                               rtol=1e-13)
+
+
+def test_detector_flags_nonfinite_network_gradient():
+    m, h = _mlp_grads(4, "relu", "he")
+    g = m.grads.copy()
+    g[m.layer_slices()["dense1"].start] = np.inf
+    h = grad_health(g, m.layer_slices())
+    v, e = classify(h["grad_norm"], 1e-7, 1e3, h["nonfinite_per_layer"])
+    assert e.tolist() == [False, True, False, False]
+
+
+# ------------------------------------------------------------ StepStats
+def _health(L, norm=1.0):
+    return {"grad_global_norm": norm * np.sqrt(L), "grad_norm": np.full(L, norm),
+            "grad_max_abs": norm, "nonfinite": 0}
+
+
+def test_stepstats_records_rows_without_growing():
+    s = StepStats(4, ["dense0", "dense1"])
+    buffers = [id(getattr(s, f)) for f in StepStats.FIELDS]
+    for k in range(3):
+        s.record(step=10 + k, epoch=0, loss=0.5 * k, samples=32, lr=1e-3,
+                 health=_health(2, k + 1.0), update_ratio=np.array([1e-3, 2e-3]),
+                 skipped=k == 1, step_seconds=0.01, phase_seconds=[1, 2, 3, 4, 5])
+    d = s.as_dict()
+    assert [id(getattr(s, f)) for f in StepStats.FIELDS] == buffers
+    assert set(d) == set(StepStats.FIELDS)
+    assert d["step"].tolist() == [10, 11, 12] and d["step"].dtype == np.int64
+    assert d["grad_norm"].shape == (3, 2) and d["grad_norm"][2].tolist() == [3.0, 3.0]
+    assert d["phase_seconds"].shape == (3, 5) and d["phase_seconds"].dtype == np.float64
+    assert d["skipped"].tolist() == [False, True, False] and d["skipped"].dtype == bool
+    assert d["nonfinite"].dtype == np.int64 and d["samples"].dtype == np.int64
+    # as_dict copies: the next chunk reuses the buffers
+    s.reset()
+    s.record(step=99, epoch=1, loss=0.0, samples=1, lr=0.0, health=_health(2),
+             update_ratio=None, skipped=False, step_seconds=0.0, phase_seconds=[0] * 5)
+    assert d["step"].tolist() == [10, 11, 12]
+    assert s.as_dict()["update_ratio"].tolist() == [[0.0, 0.0]]
+
+
+def test_stepstats_full_raises_and_reset_grows():
+    s = StepStats(1, ["a"])
+    kw = dict(step=0, epoch=0, loss=0.0, samples=1, lr=0.0, health=_health(1),
+              update_ratio=None, skipped=False, step_seconds=0.0, phase_seconds=[0] * 5)
+    s.record(**kw)
+    with pytest.raises(IndexError, match="full"):
+        s.record(**kw)
+    s.reset(capacity=3)
+    for _ in range(3):
+        s.record(**kw)
+    assert len(s) == 3 and s.capacity == 3
