@@ -161,10 +161,11 @@ def make_report(run_dir: str | Path) -> list[Path]:
             logn = np.log10(norms)
         # A calm sequential map for the healthy band; the three failure states get
         # saturated colours that appear nowhere inside it.
-        cmap = plt.get_cmap("YlGn").copy()
-        cmap.set_under("#1f3fff")   # vanishing
-        cmap.set_over("#e41a1c")    # exploding
-        cmap.set_bad("#ff00ff")     # non-finite
+        cmap = plt.get_cmap("YlGn").with_extremes(
+            under="#1f3fff",   # vanishing
+            over="#e41a1c",    # exploding
+            bad="#ff00ff",     # non-finite
+        )
         data = np.ma.masked_invalid(logn)
         data = np.ma.where(np.isneginf(logn), lo - 1.0, data)   # exact zero: vanished
         data = np.ma.where(np.isposinf(logn), hi + 1.0, data)   # overflowed norm: exploded

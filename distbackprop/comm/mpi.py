@@ -264,6 +264,12 @@ def join(port: str, rank: int, size: int, timeout: float = 60.0) -> MpiComm:
     def run() -> None:
         try:
             outcome["comm"] = _grow(ports, rank, size, timeout, deadline, progress)
+        except MPI.Exception as exc:  # e.g. a Merge with a peer that went away
+            k = progress["awaiting"]
+            outcome["error"] = RendezvousError(
+                f"MPI rendezvous failed on rank {rank} "
+                f"({'verifying the group' if k is None else f'adding rank {k}'}): "
+                f"{_mpi_reason(exc)}", rank=rank)
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
         finally:
@@ -277,7 +283,8 @@ def join(port: str, rank: int, size: int, timeout: float = 60.0) -> MpiComm:
         k = progress["awaiting"]
         who = f"waiting for rank {k}" if k is not None else "verifying the group"
         raise RendezvousError(
-            f"MPI rendezvous on rank {rank} still blocked {timeout:g} s after start "
+            f"MPI rendezvous on rank {rank} still blocked "
+            f"{timeout + _THREAD_GRACE_SECONDS:g} s after start "
             f"({who}); this process's MPI state is unusable: stop the process",
             rank=rank, missing_rank=k if k != rank else None)
     if "error" in outcome:

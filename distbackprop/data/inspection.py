@@ -123,8 +123,6 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
         if row >= 0 and numbers * 2 > valid:
             problems.append(f"data: column {c!r} is not numeric: {info[1]!r} in {info[0]} "
                             f"({numbers} of {valid} values are numbers)")
-        else:
-            notes.append(f"column {c!r} (string) is not numeric: not a feature")
     if rows == 0:
         problems.append(f"data: {path} has no rows")
     if classify and plan.task == "classification":

@@ -207,7 +207,7 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
     if problems:
         raise DataError(problems)
     notes = tuple(f"column {c!r} ({schema.field(c).type}) is not numeric: not a feature"
-                  for c in ignored)
+                  for c in (*ignored, *suspects))
     return ColumnPlan(resolved, tuple(present_targets), tuple(feats), tuple(widths),
                       tuple(ignored), tuple(suspects), notes)
 

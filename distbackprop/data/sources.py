@@ -150,8 +150,14 @@ def open_source(path: str | os.PathLike, role: str = "data") -> Source:
         raise DataError(f"{role}: cannot read {bad}: {_short(exc)} "
                         f"(is it a complete {fmt} file?)") from exc
     fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
-    partitioning = getattr(dataset, "partitioning", None)
-    part_cols = tuple(partitioning.schema.names) if partitioning is not None else ()
+    # the keys each file's directory path sets (``dataset.partitioning.schema`` of a
+    # flat directory lists every column)
+    keys: list[str] = []
+    for frag in fragments:
+        for k in ds.get_partition_keys(frag.partition_expression):
+            if k not in keys:
+                keys.append(k)
+    part_cols = tuple(c for c in dataset.schema.names if c in keys)
     return Source(text, fmt, fs, dataset, fragments, part_cols)
 
 

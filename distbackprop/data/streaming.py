@@ -27,6 +27,7 @@ so every process decides it alone, from the row number.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -257,12 +258,13 @@ class StreamingBatcher:
     ``batch(epoch, step) -> (x_local, y_local, global_count)``; batches are
     produced in order — a call out of sequence (a resume) replays the epoch from
     its start, so the result still depends only on ``(seed, epoch, step)``.
-    ``pieces_read`` lists every ``(file, row_group)`` read, for tests.
+    ``pieces_read`` lists every ``(file, row_group)`` read, for tests. With
+    ``prefetch`` one thread reads the next piece ahead (in the same fixed order).
     """
 
     def __init__(self, plan: StreamPlan, *, batch_size: int, seed: int | None = None,
                  rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, prefetch: bool = True):
         if batch_size <= 0:
             raise DataError(f"batch_size: must be > 0, got {batch_size}")
         if not 0 <= rank < world:
@@ -301,6 +303,20 @@ class StreamingBatcher:
         self._frags: dict = {}
         self._it: Iterator | None = None
         self._pos: tuple[int, int] | None = None
+        # one reader thread: the next piece decodes (pyarrow and NumPy release the
+        # GIL) while the current one is batched and the model computes
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="stream") if prefetch else None
+
+    def close(self) -> None:
+        """Stop the prefetch thread (also done when the batcher is garbage-collected)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def row_groups_read(self) -> int:
@@ -343,14 +359,29 @@ class StreamingBatcher:
             return
         rng = np.random.default_rng([*epoch_seed(self.seed, epoch), self.rank])
         queue = [self.assigned[i] for i in rng.permutation(len(self.assigned))]
+        pending: Future | None = None
+
+        def next_piece() -> tuple[np.ndarray, np.ndarray] | None:
+            nonlocal pending
+            if pending is not None:
+                got, pending = pending.result(), None
+            elif queue:
+                got = self._load(queue.pop(0))
+            else:
+                return None
+            if queue and self._pool is not None:
+                pending = self._pool.submit(self._load, queue.pop(0))
+            return got
+
         cur_x = cur_y = None
         pos = m = 0
         for step in range(self.steps_per_epoch):
             while m < cap:
                 if cur_x is None or pos == len(cur_x):
-                    if not queue:
+                    got = next_piece()
+                    if got is None:
                         break
-                    cur_x, cur_y = self._load(queue.pop(0))
+                    cur_x, cur_y = got
                     pos = 0
                     continue
                 k = min(cap - m, len(cur_x) - pos)

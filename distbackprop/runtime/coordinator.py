@@ -87,6 +87,7 @@ class Coordinator:
         self.layer_names = layer_names or []
         self._step_estimate: float | None = None
         self._consecutive_skips = 0
+        self.worker_pids: list[int] = []  # every worker process started, for leak checks
         # `--update-on coordinator`: the master copy and its optimizer live here.
         self.master: np.ndarray | None = None
         if config.update_on == "coordinator" and not config.local:
@@ -99,7 +100,10 @@ class Coordinator:
     # ------------------------------------------------------------------------------
     def _start_group(self) -> None:
         self.group = self.group_factory()
-        self.group.start()
+        try:
+            self.group.start()
+        finally:
+            self.worker_pids += list(getattr(self.group, "pids", []))
         if self.commit.step > 0 or self.commit.state.get("_restored") is not None:
             self.group.load_state({k: v for k, v in self.commit.state.items()
                                    if not k.startswith("_")})

