@@ -55,6 +55,8 @@ _HELP = {
     "checkpoint_every": "write a checkpoint every N steps",
     "resume": "continue the run in DIR from its newest good checkpoint",
     "max_failures": "worker-group restarts allowed before the run fails",
+    "watchdog_seconds": "a chunk not back within this is a hang (default: from step time)",
+    "rendezvous_timeout": "seconds for the workers to start and form the MPI group",
     "quiet": "no progress bar or messages",
 }
 

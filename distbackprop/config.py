@@ -90,6 +90,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None
     max_failures: int = 3
+    watchdog_seconds: float | None = None
     # output
     quiet: bool = False
 
@@ -179,6 +180,7 @@ class TrainConfig:
         positive("cpus_per_worker")
         positive("keep_checkpoints")
         positive("rendezvous_timeout")
+        positive("watchdog_seconds", optional=True)
         positive("lr_step_size")
         positive("vanish_threshold", strict=False)
         positive("explode_threshold")

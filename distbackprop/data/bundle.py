@@ -210,7 +210,9 @@ def encode_or_raise(arrs: Arrays, classes: list, column: str, role: str) -> np.n
         i = int(np.argmax(unknown))
         path, r = arrs.origin(i)
         shown = ", ".join(map(repr, classes[:20])) + (" …" if len(classes) > 20 else "")
-        raise DataError(f"{role}: label {arrs.labels[i]!r} in column {column!r} at row {r} of "
+        label = arrs.labels[i]
+        label = label.item() if isinstance(label, np.generic) else label
+        raise DataError(f"{role}: label {label!r} in column {column!r} at row {r} of "
                         f"{path} was never seen in training ({int(unknown.sum())} row(s); "
                         f"known classes: {shown})")
     return idx

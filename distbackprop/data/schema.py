@@ -360,7 +360,7 @@ def label_problems(arr: pa.Array, name: str, spans: list, role: str) -> tuple[np
         if frac.any():
             path, r = locate(spans, int(np.argmax(frac)))
             problems.append(f"{role}: classification target {name!r} holds non-integral value "
-                            f"{v[frac][0]!r} at row {r} of {path}; use --task regression")
+                            f"{float(v[frac][0])!r} at row {r} of {path}; use --task regression")
     return bad, problems
 
 

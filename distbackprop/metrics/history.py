@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import ConfigError
 from .health import PHASES
 
 _SCALARS: tuple[tuple[str, type], ...] = (
@@ -110,6 +111,37 @@ class HistoryWriter:
         """Write history.parquet atomically (temp file + rename); returns the path."""
         return _write_atomic(self.to_table(), path)
 
+    def extend_from_parquet(self, path: str | os.PathLike, upto_step: int | None = None) -> None:
+        """Append the rows of an existing history.parquet (for ``--resume``): those with
+        ``step < upto_step`` when given (steps are 0-based, so a checkpoint at step N
+        keeps steps 0..N-1). Raises `ConfigError` naming the file and column."""
+        try:
+            cols = read_columns(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise ConfigError(f"{path}: cannot read as Parquet: {exc}") from exc
+        need = [name for name, _ in _SCALARS] + [f"time/{p}" for p in PHASES] + [
+            f"{k}/{x}" for k in ("grad_norm", "update_ratio") for x in self.layers]
+        missing = [name for name in need if name not in cols]
+        if missing:
+            raise ConfigError([f"{path}: missing column {name!r}" for name in missing])
+        keep = np.ones(len(cols["step"]), dtype=bool) if upto_step is None \
+            else cols["step"] < upto_step
+        n = int(keep.sum())
+        chunk = {name: cols[name][keep] for name, _ in _SCALARS}
+        chunk["phase_seconds"] = np.stack([cols[f"time/{p}"][keep] for p in PHASES], axis=1)
+        for k in ("grad_norm", "update_ratio"):
+            chunk[k] = (np.stack([cols[f"{k}/{x}"][keep] for x in self.layers], axis=1)
+                        if self.layers else np.zeros((n, 0)))
+        self.append(chunk)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, layers: Sequence[str],
+                  before_step: int | None = None) -> HistoryWriter:
+        """A new writer holding the rows of `path` (see `extend_from_parquet`)."""
+        w = cls(layers)
+        w.extend_from_parquet(path, upto_step=before_step)
+        return w
+
 
 class MemoryHistory:
     """Per-worker memory at each chunk end; `write` gives memory.parquet."""
@@ -134,6 +166,23 @@ class MemoryHistory:
     def write(self, path: str | os.PathLike) -> Path:
         """Write memory.parquet atomically; returns the path."""
         return _write_atomic(self.to_table(), path)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, before_step: int | None = None
+                  ) -> MemoryHistory:
+        """The rows of an existing memory.parquet (``step < before_step`` when given)."""
+        try:
+            cols = read_columns(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise ConfigError(f"{path}: cannot read as Parquet: {exc}") from exc
+        for name in MEMORY_COLUMNS:
+            if name not in cols:
+                raise ConfigError(f"{path}: missing column {name!r}")
+        m = cls()
+        for row in zip(*(cols[name].tolist() for name in MEMORY_COLUMNS), strict=True):
+            if before_step is None or row[0] < before_step:
+                m._rows.append(tuple(int(v) for v in row))
+        return m
 
 
 def read_columns(path: str | os.PathLike) -> dict[str, np.ndarray]:

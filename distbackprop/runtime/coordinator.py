@@ -65,6 +65,7 @@ class RunStats:
     restarts: int = 0
     skipped: int = 0
     recovery_seconds: list[float] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # when detected, why, which ranks
     losses: list[np.ndarray] = field(default_factory=list)
 
 
@@ -122,7 +123,10 @@ class Coordinator:
         return max(1, min(k, remaining))
 
     def _deadline(self, k: int) -> float:
-        """Watchdog: generous while the step time is unknown, then 10× the expected chunk."""
+        """Watchdog: `--watchdog-seconds`, else generous while the step time is unknown
+        (start-up, first chunk), then max(20 s, 10× the expected chunk time)."""
+        if self.config.watchdog_seconds:
+            return self.config.watchdog_seconds
         if self._step_estimate is None:
             return 300.0
         return max(20.0, 10.0 * k * self._step_estimate)
@@ -151,6 +155,8 @@ class Coordinator:
 
     def _recover(self, exc: WorkerFailure) -> None:
         self.failures += 1
+        self.stats.failures.append({"detected_at": time.time(), "message": str(exc),
+                                    "ranks": list(exc.ranks), "resume_step": self.commit.step})
         if self.failures > self.config.max_failures:
             raise TrainingFailed(f"{exc}; giving up after {self.failures} failure(s) "
                                  f"(--max-failures {self.config.max_failures})") from None

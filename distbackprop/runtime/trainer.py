@@ -99,18 +99,15 @@ class Trainer:
             return run_mpi(self, cfg, bundle, loss, n_out, resume_meta)
         return self._fit(cfg, bundle, loss, n_out, resume_meta)
 
-    def _fit(self, cfg, bundle, loss, n_out, resume_meta, group_factory=None,
-             is_root: bool = True) -> Result:
+    def _fit(self, cfg, bundle, loss, n_out, resume_meta, group_factory=None) -> Result:
         from ..checkpoint import latest_checkpoint, save_checkpoint
-        from ..data import Batcher
         from ..metrics.exporter import MetricsExporter
         from ..metrics.history import HistoryWriter, MemoryHistory
         from ..metrics.memory import model_bytes
 
         run_dir = Path(cfg.resume or cfg.out or
                        Path("runs") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
-        spe = Batcher(bundle.x_train, bundle.y_train, cfg.batch_size, cfg.seed).steps_per_epoch
-        total = cfg.max_steps if cfg.max_steps else cfg.epochs * spe
+        total, spe = total_steps(cfg, bundle)
         probe = build_model(cfg, bundle.n_features, n_out)
         layers = probe.layer_names
 
@@ -132,9 +129,6 @@ class Trainer:
                 raise ConfigError(f"resume: the checkpoint is at step {commit.step}, already "
                                   f"at or past the {total} steps asked for (raise --max-steps "
                                   "or --epochs)")
-
-        if not is_root:  # non-root MPI ranks only follow the coordinator's loop
-            return None  # pragma: no cover - handled by mpi_launch
 
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_yaml(run_dir / "config.yaml", cfg)
@@ -241,6 +235,13 @@ class Trainer:
                       tuple(coordinator.worker_pids))
 
 
+def total_steps(cfg: TrainConfig, bundle) -> tuple[int, int]:
+    """(total steps, steps per epoch): `--max-steps` when given (it overrides --epochs)."""
+    from ..data import Batcher
+    spe = Batcher(bundle.x_train, bundle.y_train, cfg.batch_size, cfg.seed).steps_per_epoch
+    return (cfg.max_steps if cfg.max_steps else cfg.epochs * spe), spe
+
+
 def _summary(cfg, bundle, loss, model, coordinator, spe, total, startup, started,
              restarts) -> dict[str, Any]:
     from ..nn.losses import loss_value
@@ -257,6 +258,7 @@ def _summary(cfg, bundle, loss, model, coordinator, spe, total, startup, started
         "workers": cfg.world_size,
         "restarts": restarts,
         "recovery_seconds": st.recovery_seconds,
+        "failures": st.failures,
         "skipped_steps": st.skipped,
         "loss": loss,
         "task": bundle.task,

@@ -26,11 +26,21 @@ PHASES = ("data", "forward", "backward", "allreduce", "update")
 
 @dataclass
 class Faults:
-    """Test-only fault injection (from DISTBACKPROP_TEST_FAULTS, JSON): never set in production."""
+    """Test-only fault injection, from DISTBACKPROP_TEST_FAULTS (JSON); never set in production.
 
-    nan_at: dict[int, list[int]] = field(default_factory=dict)   # step -> ranks
-    hang_at: dict[int, list[int]] = field(default_factory=dict)  # step -> ranks
-    exit_at: dict[int, list[int]] = field(default_factory=dict)  # step -> ranks (os._exit)
+    Each kind maps a global step to the ranks it hits. With ``dir`` set, a fault
+    fires once: a marker file records it, so the replay after a recovery runs clean.
+    ``pause_at`` writes ``<dir>/pause-<step>-<rank>.pid`` and sleeps, so a test can
+    SIGKILL the worker by PID from outside at a known step.
+    """
+
+    nan_at: dict[int, list[int]] = field(default_factory=dict)
+    hang_at: dict[int, list[int]] = field(default_factory=dict)
+    exit_at: dict[int, list[int]] = field(default_factory=dict)
+    pause_at: dict[int, list[int]] = field(default_factory=dict)
+    dir: str | None = None
+
+    KINDS = ("nan_at", "hang_at", "exit_at", "pause_at")
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -39,12 +49,35 @@ class Faults:
         if not raw:
             return cls()
         d = json.loads(raw)
-        conv = {k: {int(s): list(r) for s, r in d.get(k, {}).items()}
-                for k in ("nan_at", "hang_at", "exit_at")}
-        return cls(**conv)
+        conv = {k: {int(s): list(r) for s, r in d.get(k, {}).items()} for k in cls.KINDS}
+        return cls(**conv, dir=d.get("dir"))
 
     def hits(self, kind: str, step: int, rank: int) -> bool:
-        return rank in getattr(self, kind).get(step, ())
+        if rank not in getattr(self, kind).get(step, ()):
+            return False
+        if self.dir is None:
+            return True
+        marker = os.path.join(self.dir, f"{kind}-{step}-{rank}")
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+    def fire(self, step: int, rank: int, grads: np.ndarray) -> None:
+        if self.hits("nan_at", step, rank):
+            grads[0] = np.nan
+        if self.hits("hang_at", step, rank):
+            time.sleep(3600)
+        if self.hits("exit_at", step, rank):
+            os._exit(137)
+        if self.hits("pause_at", step, rank):
+            path = os.path.join(self.dir or ".", f"pause-{step}-{rank}.pid")
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)
+            time.sleep(120)
 
 
 def build_model(config: TrainConfig, n_in: int, n_out: int) -> MLP:
@@ -106,6 +139,7 @@ class Worker:
         self.batcher = Batcher(x, y, config.batch_size, config.seed, rank=rank, world=world)
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.faults = faults or Faults()
+        self.faults_on = any(getattr(self.faults, k) for k in Faults.KINDS)
         self._slices = list(self.model.layer_slices().values())
         self._norms = np.zeros(len(self._slices))
         self._ctrl = np.zeros(2, dtype=np.float64)
@@ -173,12 +207,8 @@ class Worker:
         dy = self._dy_buffer(y_hat)
         local_loss = loss_and_grad(self.loss, y_hat, y, float(global_count), dy)
         self.model.backward(dy, on_layer_done=hook)
-        if self.faults.hits("nan_at", step, self.rank):
-            self.model.grads[0] = np.nan
-        if self.faults.hits("hang_at", step, self.rank):
-            time.sleep(3600)
-        if self.faults.hits("exit_at", step, self.rank):
-            os._exit(137)
+        if self.faults_on:
+            self.faults.fire(step, self.rank, self.model.grads)
         t[2] = time.perf_counter()
         if self._bucketer is not None:
             self._bucketer.wait_all()

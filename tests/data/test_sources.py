@@ -15,7 +15,7 @@ from distbackprop.data import (
     load_training_data,
     open_source,
 )
-from tests.data.conftest import cfg, make_table, write
+from tests.data.conftest import cfg, write
 
 
 def _by_id(bundle, id_col: int):

@@ -219,3 +219,32 @@ def test_prometheus_client_imported_only_by_the_exporter():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_phase_histogram_bucket_rule_matches_prometheus_client():
+    """Our vectorised histogram against prometheus_client's own Histogram, value by value
+    (including values exactly on a bucket bound: v ≤ le counts)."""
+    from prometheus_client import Histogram
+
+    from distbackprop.metrics.exporter import PhaseHistogram
+
+    rng = np.random.default_rng(3)
+    seconds = 10 ** rng.uniform(-6, 1.5, size=(200, len(PHASES)))
+    seconds[:10] = np.array(PHASE_BUCKETS[:10])[:, None]          # exactly on bounds
+    ours_reg, ref_reg = CollectorRegistry(), CollectorRegistry()
+    ours = PhaseHistogram()
+    ours_reg.register(ours)
+    ref = Histogram("distbackprop_step_phase_seconds", "ref", ["phase"],
+                    buckets=PHASE_BUCKETS, registry=ref_reg)
+    ours.observe_many(seconds[:150])
+    ours.observe_many(seconds[150:])
+    for j, p in enumerate(PHASES):
+        for v in seconds[:, j]:
+            ref.labels(phase=p).observe(v)
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in ours_reg.collect() for s in f.samples}
+    want = {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in ref_reg.collect() for s in f.samples if not s.name.endswith("_created")}
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12), k

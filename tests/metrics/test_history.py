@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from distbackprop.config import ConfigError
 from distbackprop.metrics.health import PHASES
 from distbackprop.metrics.history import (
     MEMORY_COLUMNS,
@@ -92,3 +93,33 @@ def test_memory_history_round_trip(tmp_path):
     assert d["peak_rss_bytes"].tolist() == [150, 200, 110, 210]
     assert d["activation_bytes"].tolist() == [10, 20, 11, 21]
     assert MemoryHistory().to_table().num_rows == 0
+
+
+def test_resume_from_file_keeps_earlier_steps(tmp_path):
+    rng = np.random.default_rng(4)
+    w = HistoryWriter(LAYERS)
+    w.append(synthetic_chunk(0, 10, [1.0, 2.0, 3.0], rng, skipped_steps=[4]))
+    path = w.write(tmp_path / "history.parquet")
+    r = HistoryWriter.from_file(path, LAYERS, before_step=6)
+    assert len(r) == 6
+    r.append(synthetic_chunk(6, 2, [1.0, 2.0, 3.0], rng))
+    t = r.to_table()
+    full = pq.read_table(path)
+    assert t.column("step").to_pylist() == list(range(8))
+    assert t.slice(0, 6).equals(full.slice(0, 6))
+    assert len(HistoryWriter.from_file(path, LAYERS)) == 10
+    # the trainer's resume path: extend a fresh writer in place
+    e = HistoryWriter(LAYERS)
+    e.extend_from_parquet(path, upto_step=3)
+    assert e.to_table().column("step").to_pylist() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="grad_norm/dense9"):
+        HistoryWriter.from_file(path, [*LAYERS, "dense9"])
+    (tmp_path / "bad.parquet").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="bad.parquet"):
+        HistoryWriter(LAYERS).extend_from_parquet(tmp_path / "bad.parquet")
+    m = MemoryHistory()
+    m.append(5, {0: {"rss_bytes": 1, "activation_bytes": 2}})
+    m.append(9, {0: {"rss_bytes": 3, "activation_bytes": 4}})
+    mp = m.write(tmp_path / "memory.parquet")
+    assert MemoryHistory.from_file(mp, before_step=6).to_table().num_rows == 1
+    assert MemoryHistory.from_file(mp).to_table().equals(m.to_table())

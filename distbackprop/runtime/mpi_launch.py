@@ -1,0 +1,125 @@
+"""`--launcher mpi`: the same engine under ``mpiexec -n N python -m distbackprop train``.
+
+No Ray: `MpiComm` wraps COMM_WORLD. Rank 0 runs the `Coordinator` (metrics,
+history, checkpoints) with an `MpiRootGroup`, which broadcasts each command
+to the other ranks; they run `follow` until told to stop. Per-rank memory and
+parameter checksums reach rank 0 through one SUM-allreduce of a (size, 4)
+table in which each rank fills its own row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .group import grad_step
+from .worker import Faults, Worker
+
+CMD_STOP, CMD_CHUNK, CMD_GRAD, CMD_LOAD = 0, 1, 2, 3
+
+
+class MpiRootGroup:
+    """The `WorkerGroup` protocol on rank 0 of COMM_WORLD."""
+
+    def __init__(self, worker: Worker, comm):
+        self.worker, self.comm = worker, comm
+        self.size = comm.size
+        self._cmd = np.zeros(4, np.int64)
+
+    def _send(self, cmd: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+        self._cmd[:] = (cmd, a, b, c)
+        self.comm.bcast_(self._cmd, root=0)
+
+    def start(self) -> None:
+        pass
+
+    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]:
+        self._send(CMD_CHUNK, start, k)
+        res = self.worker.run_chunk(start, k)
+        table = _gather_table(self.worker, self.comm)
+        out = [res]
+        res["checksum"] = (table[0, 0], table[0, 1])
+        for r in range(1, self.size):
+            out.append({"rank": r, "checksum": (table[r, 0], table[r, 1]),
+                        "memory": {"rss_bytes": int(table[r, 2]),
+                                   "peak_rss_bytes": int(table[r, 2]),
+                                   "activation_bytes": int(table[r, 3])}})
+        if want_state:
+            res["state"] = self.worker.state()
+        return out
+
+    def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
+        self._send(CMD_GRAD, step, int(params is not None))
+        if params is not None:
+            self.worker.set_params_(params)
+            self.comm.bcast_(self.worker.model.params, root=0)
+        return grad_step(self.worker, step, None)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self._send(CMD_LOAD)
+        self.worker.load_state_(state)
+        for arr in _state_arrays(self.worker):
+            self.comm.bcast_(arr, root=0)
+
+    def shutdown(self) -> None:
+        pass
+
+    def stop_followers(self) -> None:
+        self._send(CMD_STOP)
+
+
+def _state_arrays(worker: Worker) -> list[np.ndarray]:
+    return [worker.model.params, *worker.optimizer.state.values()]
+
+
+def _gather_table(worker: Worker, comm) -> np.ndarray:
+    """(size, 4) float64: checksum Σθ, Σθ², RSS, activation bytes — one row per rank."""
+    t = np.zeros((comm.size, 4))
+    mem = worker.memory()
+    t[comm.rank] = (*worker.checksum(), mem["rss_bytes"], mem["activation_bytes"])
+    comm.allreduce_(t)
+    return t
+
+
+def follow(worker: Worker, comm) -> None:
+    """Non-root ranks: execute rank 0's broadcast commands until CMD_STOP."""
+    cmd = np.zeros(4, np.int64)
+    while True:
+        comm.bcast_(cmd, root=0)
+        op, a, b, _ = (int(v) for v in cmd)
+        if op == CMD_STOP:
+            return
+        if op == CMD_CHUNK:
+            worker.run_chunk(a, b)
+            _gather_table(worker, comm)
+        elif op == CMD_GRAD:
+            if b:
+                comm.bcast_(worker.model.params, root=0)
+            grad_step(worker, a, None)
+        elif op == CMD_LOAD:
+            for arr in _state_arrays(worker):
+                comm.bcast_(arr, root=0)
+
+
+def run_mpi(trainer, cfg, bundle, loss: str, n_out: int, resume_meta):
+    """Entry for every rank; returns the `Result` on rank 0 and None elsewhere."""
+    from ..comm.mpi import MpiComm
+    from .trainer import total_steps
+    comm = MpiComm.world()
+    cfg = cfg.replace(workers=comm.size, local=False)
+    total, _ = total_steps(cfg, bundle)
+    worker = Worker(cfg, comm.rank, comm.size, bundle.x_train, bundle.y_train, n_out, loss,
+                    total, comm=comm, faults=Faults.from_env())
+    try:
+        if comm.rank != 0:
+            follow(worker, comm)
+            return None
+        group = MpiRootGroup(worker, comm)
+        try:
+            return trainer._fit(cfg, bundle, loss, n_out, resume_meta,
+                                group_factory=lambda: group)
+        finally:
+            group.stop_followers()
+    finally:
+        comm.close()

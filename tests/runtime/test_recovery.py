@@ -1,0 +1,132 @@
+"""Reliability: a killed or hung worker costs a restart, not the run; resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from distbackprop import TrainConfig, Trainer
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.ray
+
+BASE = dict(hidden=(32,), max_steps=40, batch_size=64, seed=5, metrics_port=0, quiet=True,
+            chunk_steps=4, workers=2)
+
+
+def _fit(path, **kw):
+    return Trainer(TrainConfig(**{**BASE, **kw, "out": str(path)})).fit()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2-worker run every recovery must reproduce bit for bit."""
+    return _fit(tmp_path_factory.mktemp("ref") / "run")
+
+
+def _faults(monkeypatch, tmp_path, **kinds) -> None:
+    d = tmp_path / "faults"
+    d.mkdir()
+    monkeypatch.setenv("DISTBACKPROP_TEST_FAULTS", json.dumps({**kinds, "dir": str(d)}))
+
+
+def test_sigkill_worker_from_outside_recovers_bit_identical(ray_cluster, reference, tmp_path,
+                                                            monkeypatch):
+    _faults(monkeypatch, tmp_path, pause_at={"17": [1]})
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("res", _fit(tmp_path / "run")),
+                         daemon=True)
+    t.start()
+    pidfile = tmp_path / "faults" / "pause-17-1.pid"
+    deadline = time.monotonic() + 120
+    while not pidfile.exists() and time.monotonic() < deadline and t.is_alive():
+        time.sleep(0.05)
+    assert pidfile.exists(), "rank 1 never reached step 17"
+    pid = int(pidfile.read_text())
+    killed_at = time.time()
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=180)
+    assert not t.is_alive()
+    res = box["res"]
+    s = res.summary
+    assert s["restarts"] == 1
+    assert s["failures"][0]["ranks"] == [1]
+    assert s["failures"][0]["detected_at"] - killed_at < 30  # recovery begins within 30 s
+    assert np.array_equal(res.model.params, reference.model.params)  # bit-identical
+    assert s["steps"] == 40
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_watchdog_catches_a_hung_worker(ray_cluster, reference, tmp_path, monkeypatch):
+    _faults(monkeypatch, tmp_path, hang_at={"9": [0]})
+    res = _fit(tmp_path / "run", watchdog_seconds=6)
+    s = res.summary
+    assert s["restarts"] == 1
+    assert "did not finish" in s["failures"][0]["message"]
+    assert np.array_equal(res.model.params, reference.model.params)
+    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+               for p in res.worker_pids)
+
+
+def _ray_pids() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ray" in cmd or "distbackprop" in cmd:
+            out.add(p.info["pid"])
+    return out
+
+
+def test_max_failures_exits_1_naming_the_checkpoint(tmp_path):
+    d = tmp_path / "faults"
+    d.mkdir()
+    before = _ray_pids()
+    t0 = time.monotonic()
+    r = run_cli("train", "--workers", "2", "--hidden", "16", "--max-steps", "40",
+                "--chunk-steps", "2", "--checkpoint-every", "4", "--max-failures", "1",
+                "--metrics-port", "0", "--quiet", "--out", str(tmp_path / "run"),
+                env={"DISTBACKPROP_TEST_FAULTS": json.dumps(
+                    {"exit_at": {"6": [1], "14": [0]}, "dir": str(d)}),
+                    "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"},
+                timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert elapsed < 60 + 15  # the run itself, plus Ray's own start-up
+    assert "Last good checkpoint:" in r.stderr
+    assert "checkpoints/step-00000012" in r.stderr, r.stderr[-2000:]
+    assert "rank 0" in r.stderr
+    time.sleep(2)
+    left = [p for p in _ray_pids() - before
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, [psutil.Process(p).cmdline() for p in left]
+
+
+@pytest.mark.parametrize("mode", ["local", "workers"])
+def test_resume_is_bit_identical(ray_cluster, tmp_path, mode):
+    kw = {"local": True} if mode == "local" else {"workers": 2}
+    full = _fit(tmp_path / "full", max_steps=200, chunk_steps=None, **kw)
+    _fit(tmp_path / "part", max_steps=100, checkpoint_every=50, chunk_steps=None, **kw)
+    resumed = _fit(tmp_path / "resumed-ignored", resume=str(tmp_path / "part"), max_steps=200,
+                   checkpoint_every=50, chunk_steps=None, **kw)
+    assert resumed.run_dir == tmp_path / "part"
+    assert np.array_equal(resumed.model.params, full.model.params)
+    assert resumed.summary["steps"] == 200
+    steps = resumed.history.column("step").to_numpy()
+    assert list(steps) == list(range(200))
+    np.testing.assert_array_equal(resumed.history.column("loss").to_numpy(),
+                                  full.history.column("loss").to_numpy())
+
+
+def test_resume_refuses_changed_model(tmp_path):
+    _fit(tmp_path / "part", local=True, max_steps=10, checkpoint_every=5)
+    r = run_cli("train", "--local", "--resume", str(tmp_path / "part"), "--hidden", "64",
+                "--max-steps", "20", "--metrics-port", "0", "--quiet")
+    assert r.returncode == 2
+    assert "hidden: cannot change when resuming" in r.stderr
