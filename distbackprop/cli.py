@@ -243,7 +243,8 @@ def evaluate(model_path: str, data: str, target: str | None = None) -> dict[str,
     from .data import prepare_inference
     from .nn.losses import loss_value
     model = _load(model_path)
-    x, y, _ = prepare_inference(model.meta, data, target)
+    target = target or ",".join(model.meta.get("target_names") or ["target"])
+    x, y, _ = prepare_inference(model.meta, data, target, dtype=model.dtype)
     if y is None:
         raise ConfigError(f"target: {data} has no target column to evaluate against")
     y_hat = model.predict(x)

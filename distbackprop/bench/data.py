@@ -102,13 +102,15 @@ def run(quick: bool = False) -> list[dict]:
         sbundle = load_training_data(cfg.replace(streaming=True))
         stream = StreamingBatcher(sbundle.stream, batch_size=BATCH, seed=0)
 
+        epochs = iter(range(1_000_000))
+
         def stream_epoch() -> None:
-            for _ in stream.epoch(0):
+            for _ in stream.epoch(next(epochs)):
                 pass
-            stream._it = None  # the next call replays epoch 0 from its start
 
         t_stream = _median_epoch(stream_epoch, max(1, repeats // 2))
         stream_steps = stream.steps_per_epoch
+        stream.close()
 
         pf = pq.ParquetFile(path)
 

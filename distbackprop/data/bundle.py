@@ -9,6 +9,7 @@ only, applied to training and validation features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -218,11 +219,9 @@ def encode_or_raise(arrs: Arrays, classes: list, column: str, role: str) -> np.n
     return idx
 
 
-def _compatible_plan(src: Source, plan: ColumnPlan, path: str, role: str,
-                     targets: tuple[str, ...] | None = None) -> ColumnPlan:
+def _compatible_plan(src: Source, plan: ColumnPlan, path: str, role: str) -> ColumnPlan:
     """The training plan applied to another source: same columns, same widths."""
-    other = plan_columns(src.schema, source=path,
-                         target=plan.target_names if targets is None else targets,
+    other = plan_columns(src.schema, source=path, target=plan.target_names,
                          features=plan.feature_names, task=plan.task,
                          partition_columns=src.partition_columns, role=role)
     if other.feature_widths != plan.feature_widths:
@@ -351,27 +350,35 @@ def read_validation(path: str, plan: ColumnPlan, classes: list | None, dtype: np
     return arrs.x, arrs.y, arrs.dropped
 
 
-def prepare_inference(model_meta: dict[str, Any], path: str, target: str | None = None, *,
+def prepare_inference(model_meta: dict[str, Any], path: str,
+                      target: str | Sequence[str] | None = None, *, labels: bool = True,
                       dtype: np.dtype | str = np.float64, on_bad_rows: str = "error"
                       ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """``(x (n, d), y or None, feature_names)`` of ``path`` as the model saw its training data.
 
     Selects the saved feature columns, applies x_std = (x − mean) / std with the
     saved statistics, and maps labels through the saved class list (a label
-    training never saw is a `DataError` naming it and its row). ``target=None``
-    reads no labels (prediction); otherwise ``y`` is ``(n,)`` int64 class indices
-    or ``(n, k)`` floats.
+    training never saw is a `DataError` naming it and its row). ``y`` is ``(n,)``
+    int64 class indices or ``(n, k)`` floats, read from ``target`` (which must
+    exist), or with ``target=None`` from the model's saved target column(s) when
+    the file has them (else ``y`` is None). ``labels=False`` reads no labels
+    (prediction).
     """
     meta = _normalized_meta(model_meta)
     src = open_source(path, "data")
     names = meta["feature_names"]
+    targets = normalize_names(target)
+    if not labels:
+        targets = ()
+    elif not targets:
+        saved = tuple(meta.get("target_names") or ())
+        targets = saved if saved and all(t in src.schema.names for t in saved) else ()
     missing = [c for c in names if c not in src.schema.names]
     if missing:
         shown = ", ".join(map(repr, missing[:5])) + (" …" if len(missing) > 5 else "")
         raise DataError(f"data: the model expects {meta['n_features']} features from "
                         f"{len(names)} column(s); {path} lacks {len(missing)} of them: {shown} "
                         f"(it has: {', '.join(src.schema.names[:12])})")
-    targets = normalize_names(target)
     plan = plan_columns(src.schema, source=path, target=targets or None, features=names,
                         task=meta["task"], partition_columns=src.partition_columns)
     widths = tuple(meta["feature_widths"]) or plan.feature_widths

@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 
 from distbackprop.data.errors import DataError
 from distbackprop.data.schema import (
-    _flat_values,
     first_non_number,
+    flat_list_values,
     label_array,
     nonfinite_rows,
     normalize_names,
@@ -37,10 +37,9 @@ def _bad_count(arr: pa.Array) -> int:
         finite = pc.is_finite(arr)
         return int(len(arr) - (pc.sum(finite).as_py() or 0))
     if pa.types.is_fixed_size_list(t):
-        vals, _ = _flat_values(arr)
         if len(arr) == 0:
             return 0
-        flat = np.asarray(vals, dtype=np.float64).reshape(len(arr), -1)
+        flat = np.asarray(flat_list_values(arr), dtype=np.float64).reshape(len(arr), -1)
         return int(nonfinite_rows(flat).sum())
     return arr.null_count
 

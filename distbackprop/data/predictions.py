@@ -51,7 +51,8 @@ def write_predictions(model: Any, data: str, out: str | os.PathLike) -> int:
     """Predict every row of ``data`` with ``model`` (``.meta``, ``.dtype``, ``.predict``)
     and write `prediction_table` to ``out`` (Parquet, atomically); returns the row count.
     """
-    x, _, _ = prepare_inference(model.meta, data, None, dtype=getattr(model, "dtype", np.float64))
+    x, _, _ = prepare_inference(model.meta, data, labels=False,
+                                dtype=getattr(model, "dtype", np.float64))
     table = prediction_table(model.meta, model.predict(x))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -272,21 +272,20 @@ def _leaf_numpy(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
-def _flat_values(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
-    """Values of a (nested) fixed-size-list array as a flat NumPy array; null-list mask."""
-    null_rows = np.asarray(arr.is_null()) if arr.null_count else None
-    rows = len(arr)
+def flat_list_values(arr: pa.Array) -> np.ndarray:
+    """Leaf values of a (nested) fixed-size-list array, flat; null lists at any level → NaN."""
+    level_nulls = []
     while pa.types.is_fixed_size_list(arr.type):
+        if arr.null_count:
+            level_nulls.append(np.asarray(arr.is_null()))
         w = arr.type.list_size
-        if arr.null_count and null_rows is None:
-            null_rows = np.asarray(arr.is_null())
         arr = arr.values.slice(arr.offset * w, len(arr) * w)
     vals = _leaf_numpy(arr)
-    if null_rows is not None and null_rows.any() and rows:
-        vals = np.array(vals, dtype=np.float64).reshape(rows, -1)
-        vals[null_rows] = np.nan
-        vals = vals.reshape(-1)
-    return vals, null_rows
+    if level_nulls and len(vals):
+        vals = np.array(vals, dtype=np.float64)
+        for mask in level_nulls:
+            vals[np.repeat(mask, len(vals) // len(mask))] = np.nan
+    return vals
 
 
 def feature_matrix(table: pa.Table, plan: ColumnPlan, dtype: np.dtype | str,
@@ -309,8 +308,7 @@ def feature_matrix(table: pa.Table, plan: ColumnPlan, dtype: np.dtype | str,
             if w == 1 and not pa.types.is_fixed_size_list(chunk.type):
                 x[r:r + m, j] = _leaf_numpy(chunk)
             else:
-                vals, _ = _flat_values(chunk)
-                x[r:r + m, j:j + w] = vals.reshape(m, w)
+                x[r:r + m, j:j + w] = flat_list_values(chunk).reshape(m, w)
             r += m
         j += w
     return x

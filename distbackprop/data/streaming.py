@@ -340,7 +340,7 @@ class StreamingBatcher:
             raise DataError([r.message("data") for r in conv.reports])
         keep = ~conv.bad & ~holdout_mask(np.arange(piece.start, piece.start + table.num_rows),
                                          self.plan.seed, self.plan.val_fraction)
-        x = conv.x[keep]
+        x = conv.x if keep.all() else conv.x[keep]
         if self.plan.standardize:
             standardize_(x, self.plan.mean, self.plan.std)
         if conv.labels is not None:

@@ -236,7 +236,7 @@ class Coordinator:
             a["step"][i], a["epoch"][i] = step, 0
             a["loss"][i], a["samples"][i], a["lr"][i] = r["loss"], r["samples"], lr
             a["grad_global_norm"][i], a["grad_norm"][i] = r["grad_global_norm"], r["grad_norm"]
-            a["grad_max_abs"][i] = float(np.max(np.abs(r["grads"]))) if r["grads"].size else 0.0
+            a["grad_max_abs"][i] = r["grad_max_abs"]
             a["nonfinite"][i], a["skipped"][i] = r["nonfinite"], r["skipped"]
             a["step_seconds"][i] = t1 - t0
             a["phase_seconds"][i] = r["phase_seconds"]

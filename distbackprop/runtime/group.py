@@ -93,6 +93,7 @@ def grad_step(worker: Worker, step: int, params: np.ndarray | None) -> dict[str,
     out: dict[str, Any] = {
         "rank": worker.rank, "loss": loss, "samples": samples, "grad_global_norm": gnorm,
         "grad_norm": worker._norms.copy(), "nonfinite": nonfinite, "skipped": skip,
+        "grad_max_abs": worker.max_abs,
         "phase_seconds": np.array([t[0] - t0, t[1] - t[0], t[2] - t[1], t[3] - t[2], 0.0]),
         "memory": worker.memory(),
     }

@@ -125,6 +125,9 @@ class Trainer:
             old = run_dir / "history.parquet"
             if old.exists():
                 history.extend_from_parquet(old, upto_step=commit.step)
+            if (run_dir / "memory.parquet").exists():
+                memhist = MemoryHistory.from_file(run_dir / "memory.parquet",
+                                                  before_step=commit.step)
             if commit.step >= total:
                 raise ConfigError(f"resume: the checkpoint is at step {commit.step}, already "
                                   f"at or past the {total} steps asked for (raise --max-steps "
@@ -144,7 +147,7 @@ class Trainer:
         exporter.set_model_bytes(model_bytes(probe.params, probe.grads, {"opt": np.zeros(
             opt_bytes, np.uint8)}))
         exporter.set_workers(cfg.world_size)
-        exporter.vanish_threshold.set(cfg.vanish_threshold)
+        exporter.vanish_threshold.set(cfg.vanish_threshold)  # before the first chunk too
         exporter.explode_threshold.set(cfg.explode_threshold)
 
         progress = _Progress(total, commit.step, quiet=cfg.quiet)
@@ -199,15 +202,18 @@ class Trainer:
             layer_names=layers, n_params=probe.params.size, param_dtype=probe.dtype,
             layer_slices=list(probe.layer_slices().values()))
         coordinator.set_steps_per_epoch(spe)
-        startup = None
         try:
             final = coordinator.run()
         except TrainingFailed as exc:
+            exporter.stop()
             history.write(run_dir / "history.parquet")
             where = last_ckpt[0] or _newest_checkpoint(run_dir)
             raise TrainingFailed(
                 f"{exc}. Last good checkpoint: "
                 f"{where if where else 'none (use --checkpoint-every to write them)'}") from None
+        except BaseException:
+            exporter.stop()
+            raise
         finally:
             progress.close()
             if started_ray:
@@ -228,6 +234,7 @@ class Trainer:
         tmp = run_dir / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
         os.replace(tmp, run_dir / "summary.json")
+        exporter.set_workers(0)  # training is over: TrainingStalled must not fire while lingering
         if cfg.metrics_linger and exporter.enabled:
             progress.write(f"metrics stay at {exporter.url} for {cfg.metrics_linger:g} s")
         exporter.stop(linger=cfg.metrics_linger)

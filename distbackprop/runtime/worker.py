@@ -140,7 +140,9 @@ class Worker:
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.faults = faults or Faults()
         self.faults_on = any(getattr(self.faults, k) for k in Faults.KINDS)
-        self._slices = list(self.model.layer_slices().values())
+        self._slice_map = self.model.layer_slices()
+        self._slices = list(self._slice_map.values())
+        self.max_abs = 0.0
         self._norms = np.zeros(len(self._slices))
         self._ctrl = np.zeros(2, dtype=np.float64)
         self._bucketer = None
@@ -233,12 +235,12 @@ class Worker:
         their MAX), so every rank takes the same decision even if its local
         data alone would not have shown the problem.
         """
-        g = self.model.grads
-        _layer_norms_into(g, self._slices, self._norms)
-        gnorm = math.sqrt(float(np.sum(self._norms ** 2)))
-        nonfinite = 0
-        if not math.isfinite(gnorm):
-            nonfinite = int(g.size - np.count_nonzero(np.isfinite(g)))
+        from ..metrics.health import grad_health
+        h = grad_health(self.model.grads, self._slice_map)
+        self._norms[:] = h["grad_norm"]
+        self.max_abs = h["grad_max_abs"]
+        gnorm, nonfinite = h["grad_global_norm"], int(h["nonfinite"])
+        if nonfinite or not math.isfinite(gnorm):
             self._ctrl[1] = 1.0
         self.comm.allreduce_(self._ctrl)
         return float(self._ctrl[0]), gnorm, nonfinite, bool(self._ctrl[1] > 0)
@@ -262,7 +264,7 @@ class Worker:
             loss_local, samples = self.compute_grad(step)
             loss, gnorm, nonfinite, skip = self.health_and_decide()
             a["grad_norm"][i] = self._norms
-            a["grad_max_abs"][i] = _max_abs(self.model.grads, self._slices)
+            a["grad_max_abs"][i] = self.max_abs
             lr = self.schedule(step)
             if skip:
                 self.consecutive_skips += 1
@@ -289,20 +291,3 @@ class Worker:
                 break
         return {"stats": buf.trimmed(n), "memory": self.memory(), "rank": self.rank,
                 "consecutive_skips": self.consecutive_skips}
-
-
-def _layer_norms_into(g: np.ndarray, slices: list[slice], out: np.ndarray) -> None:
-    """out[i] ← ‖g[slices[i]]‖₂ (a BLAS dot per layer, no temporaries)."""
-    for i, sl in enumerate(slices):
-        v = g[sl]
-        out[i] = math.sqrt(float(np.dot(v, v))) if v.size else 0.0
-
-
-def _max_abs(g: np.ndarray, slices: list[slice]) -> float:
-    """max |g| without a full-size temporary (max and −min per layer)."""
-    m = 0.0
-    for sl in slices:
-        v = g[sl]
-        if v.size:
-            m = max(m, float(v.max()), -float(v.min()))
-    return m

@@ -34,6 +34,11 @@ def test_string_labels_become_sorted_class_indices_and_round_trip(tmp_path):
     x, y, names = prepare_inference(meta, str(path), "target")
     np.testing.assert_array_equal(y, b.y_train)
     assert names == b.feature_names
+    # without a target the saved target column is used when present; labels=False reads none
+    np.testing.assert_array_equal(prepare_inference(meta, str(path))[1], b.y_train)
+    assert prepare_inference(meta, str(path), labels=False)[1] is None
+    unlabelled = write(t.drop_columns(["target"]), tmp_path / "unlabelled.parquet")
+    assert prepare_inference(meta, str(unlabelled))[1] is None
     # a file holding a subset of the classes keeps the training indices
     sub = write(t.filter(pa.array([lab in ("eel", "dog") for lab in labels])),
                 tmp_path / "sub.csv")
