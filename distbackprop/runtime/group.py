@@ -38,6 +38,8 @@ class GroupSpec:
     loss: str
     total_steps: int
     faults_json: str | None = None
+    stream: Any = None  # a StreamPlan in --streaming mode (then cache_path is None)
+    n_in: int = 0
 
 
 class WorkerGroup(Protocol):
@@ -63,7 +65,7 @@ class LocalGroup:
     def start(self) -> None:
         s = self.spec
         self.worker = Worker(s.config, 0, 1, self.x, self.y, s.n_out, s.loss, s.total_steps,
-                             faults=Faults.from_env())
+                             faults=Faults.from_env(), stream=s.stream, n_in=s.n_in)
 
     def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]:
         res = self.worker.run_chunk(start, k)
@@ -113,7 +115,10 @@ class _ActorBody:
     def __init__(self, spec: GroupSpec, rank: int, world: int):
         _limit_blas(spec.config.cpus_per_worker)
         from ..data import load_training_data, open_cache
-        if spec.cache_path and os.path.exists(spec.cache_path):
+        x = y = None
+        if spec.stream is not None:
+            pass  # each rank streams its own row groups
+        elif spec.cache_path and os.path.exists(spec.cache_path):
             x, y = open_cache(spec.cache_path)
         else:  # another node: read the source once more (deterministic)
             b = load_training_data(spec.config)
@@ -121,7 +126,8 @@ class _ActorBody:
         if spec.faults_json:
             os.environ["DISTBACKPROP_TEST_FAULTS"] = spec.faults_json
         self.worker = Worker(spec.config, rank, world, x, y, spec.n_out, spec.loss,
-                             spec.total_steps, faults=Faults.from_env())
+                             spec.total_steps, faults=Faults.from_env(), stream=spec.stream,
+                             n_in=spec.n_in)
         self.rank, self.world = rank, world
 
     def pid(self) -> int:

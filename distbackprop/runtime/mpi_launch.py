@@ -110,7 +110,8 @@ def run_mpi(trainer, cfg, bundle, loss: str, n_out: int, resume_meta):
     cfg = cfg.replace(workers=comm.size, local=False)
     total, _ = total_steps(cfg, bundle)
     worker = Worker(cfg, comm.rank, comm.size, bundle.x_train, bundle.y_train, n_out, loss,
-                    total, comm=comm, faults=Faults.from_env())
+                    total, comm=comm, faults=Faults.from_env(), stream=bundle.stream,
+                    n_in=bundle.n_features)
     try:
         if comm.rank != 0:
             follow(worker, comm)

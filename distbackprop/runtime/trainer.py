@@ -180,7 +180,8 @@ class Trainer:
                            f"{coordinator.commit.step}")
 
         spec = GroupSpec(cfg, None, n_out, loss, total,
-                         faults_json=os.environ.get("DISTBACKPROP_TEST_FAULTS"))
+                         faults_json=os.environ.get("DISTBACKPROP_TEST_FAULTS"),
+                         stream=bundle.stream, n_in=bundle.n_features)
         started_ray = False
         if group_factory is None:
             if cfg.local:
@@ -188,9 +189,9 @@ class Trainer:
                     return LocalGroup(spec, bundle.x_train, bundle.y_train)
             else:
                 started_ray = _ensure_ray(cfg)
-                from ..data import write_cache
-                cache_dir = run_dir / ".cache"
-                spec.cache_path = str(write_cache(bundle, cache_dir))
+                if bundle.stream is None:
+                    from ..data import write_cache
+                    spec.cache_path = str(write_cache(bundle, run_dir / ".cache"))
 
                 def group_factory():
                     return RayGroup(spec, cfg.rendezvous_timeout)
@@ -227,6 +228,8 @@ class Trainer:
                            self.started, state["restarts"])
         meta = bundle.model_meta()
         meta.update({"loss": loss, "config": cfg.to_dict()})
+        for note in getattr(bundle, "notes", []) or []:
+            progress.write(f"data: {note}")
         model.save(run_dir / "model.npz", meta=meta)
         history.write(run_dir / "history.parquet")
         if len(memhist):
@@ -243,9 +246,16 @@ class Trainer:
 
 
 def total_steps(cfg: TrainConfig, bundle) -> tuple[int, int]:
-    """(total steps, steps per epoch): `--max-steps` when given (it overrides --epochs)."""
-    from ..data import Batcher
-    spe = Batcher(bundle.x_train, bundle.y_train, cfg.batch_size, cfg.seed).steps_per_epoch
+    """(total steps, steps per epoch): `--max-steps` when given (it overrides --epochs).
+
+    Streaming: every rank takes the same number of steps per epoch (the
+    minimum over ranks), which depends on the number of workers.
+    """
+    from .worker import make_batcher
+    b = make_batcher(cfg, bundle.x_train, bundle.y_train, bundle.stream, 0, cfg.world_size)
+    spe = b.steps_per_epoch
+    if hasattr(b, "close"):
+        b.close()
     return (cfg.max_steps if cfg.max_steps else cfg.epochs * spe), spe
 
 

@@ -80,6 +80,16 @@ class Faults:
             time.sleep(120)
 
 
+def make_batcher(config: TrainConfig, x, y, stream, rank: int, world: int):
+    """In-memory `Batcher` over (x, y), or a `StreamingBatcher` over `stream` (a StreamPlan)."""
+    if stream is not None:
+        from ..data import StreamingBatcher
+        return StreamingBatcher(stream, batch_size=config.batch_size, seed=config.seed,
+                                rank=rank, world=world)
+    from ..data import Batcher
+    return Batcher(x, y, config.batch_size, config.seed, rank=rank, world=world)
+
+
 def build_model(config: TrainConfig, n_in: int, n_out: int) -> MLP:
     """The config's MLP, initialised from `config.seed` (identical on every replica)."""
     return MLP([n_in, *config.hidden, n_out], activation=config.activation,
@@ -124,19 +134,19 @@ class Worker:
     `Batcher`, so every rank sees exactly its slice of the one-process batch.
     """
 
-    def __init__(self, config: TrainConfig, rank: int, world: int, x: np.ndarray, y: np.ndarray,
-                 n_out: int, loss: str, total_steps: int, comm=None, faults: Faults | None = None):
+    def __init__(self, config: TrainConfig, rank: int, world: int, x: np.ndarray | None,
+                 y: np.ndarray | None, n_out: int, loss: str, total_steps: int, comm=None,
+                 faults: Faults | None = None, stream=None, n_in: int | None = None):
         from ..comm import LocalComm
-        from ..data import Batcher
 
         self.config, self.rank, self.world = config, rank, world
         self.comm = comm if comm is not None else LocalComm()
         self.loss = loss
-        self.model = build_model(config, x.shape[1], n_out)
+        self.model = build_model(config, x.shape[1] if x is not None else n_in, n_out)
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = build_schedule(config, total_steps)
         self.total_steps = total_steps
-        self.batcher = Batcher(x, y, config.batch_size, config.seed, rank=rank, world=world)
+        self.batcher = make_batcher(config, x, y, stream, rank, world)
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.faults = faults or Faults()
         self.faults_on = any(getattr(self.faults, k) for k in Faults.KINDS)

@@ -76,3 +76,56 @@ def test_no_processes_left_after_train(ray_cluster, tmp_path):
     assert res.summary["steps"] == 24
     _assert_gone(res.worker_pids, 2)
     assert os.path.exists(tmp_path / "clean" / "model.npz")
+
+
+@pytest.mark.mpi
+def test_mpiexec_launcher_equals_local(local_result, tmp_path):
+    """`mpiexec -n 2 python -m distbackprop train --launcher mpi`: no Ray, same result."""
+    import signal
+    import subprocess
+    import sys
+
+    from distbackprop.nn import load_model
+    from tests.conftest import require_tool
+    mpiexec = require_tool("mpiexec")
+    out = tmp_path / "mpi"
+    args = ["--hidden", "16", "--dtype", "float64", "--max-steps", "24", "--batch-size", "50",
+            "--seed", "3", "--metrics-port", "0", "--quiet", "--chunk-steps", "5",
+            "--val-fraction", "0.1", "--out", str(out)]
+    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-m", "distbackprop", "train",
+                             "--launcher", "mpi", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    m = load_model(out / "model.npz")
+    ref = local_result.model.params
+    assert np.linalg.norm(m.params - ref) / np.linalg.norm(ref) < 1e-10
+    import json
+    assert json.loads((out / "summary.json").read_text())["workers"] == 2
+
+
+def test_streaming_with_two_workers_trains(ray_cluster, tmp_path):
+    """--streaming: each rank reads only its row groups; equal step counts, so no hang."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 6))
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({**{f"f{i}": x[:, i] for i in range(6)}, "target": y}), path,
+                   row_group_size=250)
+    res = _fit(tmp_path, "stream", workers=2, streaming=True, data=str(path), epochs=4,
+               max_steps=None, batch_size=32, dtype="float32", chunk_steps=None)
+    assert res.summary["val_accuracy"] > 0.9
+    from distbackprop.data import StreamingBatcher, load_training_data
+    cfg = TrainConfig(data=str(path), streaming=True, batch_size=32, workers=2)
+    plan = load_training_data(cfg).stream
+    spe = {StreamingBatcher(plan, batch_size=32, seed=0, rank=r, world=2).steps_per_epoch
+           for r in range(2)}
+    assert len(spe) == 1  # every rank takes the same number of steps
+    assert res.summary["steps"] == 4 * spe.pop()
