@@ -386,8 +386,9 @@ class NewtonCG:
         lam = self.damping
         p, Ap, info = conjugate_gradient(mv, -g, self.cg_iters, self.cg_tol, lam)
         predicted = float(np.dot(g, p) + 0.5 * np.dot(p, Ap))
-        old = model.params.copy()
-        model.params += p.astype(model.dtype, copy=False)
+        theta = model.params
+        old = theta.copy()
+        theta += p.astype(model.dtype, copy=False)
         y_hat = model.forward(x)
         scalar[0] = loss_value(loss, y_hat, y, op.denom)
         model.release_()

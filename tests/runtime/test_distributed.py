@@ -123,9 +123,10 @@ def test_streaming_with_two_workers_trains(ray_cluster, tmp_path):
                max_steps=None, batch_size=32, dtype="float32", chunk_steps=None)
     assert res.summary["val_accuracy"] > 0.9
     from distbackprop.data import StreamingBatcher, load_training_data
-    cfg = TrainConfig(data=str(path), streaming=True, batch_size=32, workers=2)
+    cfg = TrainConfig(data=str(path), streaming=True, batch_size=32, workers=2, seed=3,
+                      val_fraction=0.1)
     plan = load_training_data(cfg).stream
-    spe = {StreamingBatcher(plan, batch_size=32, seed=0, rank=r, world=2).steps_per_epoch
+    spe = {StreamingBatcher(plan, batch_size=32, seed=3, rank=r, world=2).steps_per_epoch
            for r in range(2)}
     assert len(spe) == 1  # every rank takes the same number of steps
     assert res.summary["steps"] == 4 * spe.pop()
