@@ -288,8 +288,8 @@ class _MasterOptimizer:
 def _check_replicas(results: list[dict[str, Any]]) -> None:
     sums = [r["checksum"] for r in results]
     if any(s != sums[0] for s in sums[1:]):
-        detail = ", ".join(f"rank {r['rank']}: Σθ={s[0]!r}" for r, s in zip(results, sums,
-                                                                             strict=True))
+        detail = ", ".join(f"rank {r['rank']}: crc32={int(s):08x}"
+                           for r, s in zip(results, sums, strict=True))
         raise TrainingFailed(f"replicas diverged (parameter checksums differ: {detail})")
 
 

@@ -39,11 +39,11 @@ class MpiRootGroup:
         res = self.worker.run_chunk(start, k)
         table = _gather_table(self.worker, self.comm)
         out = [res]
-        res["checksum"] = (table[0, 0], table[0, 1])
+        res["checksum"] = table[0, 0]
         for r in range(1, self.size):
-            out.append({"rank": r, "checksum": (table[r, 0], table[r, 1]),
+            out.append({"rank": r, "checksum": table[r, 0],
                         "memory": {"rss_bytes": int(table[r, 2]),
-                                   "peak_rss_bytes": int(table[r, 2]),
+                                   "peak_rss_bytes": int(table[r, 1]),
                                    "activation_bytes": int(table[r, 3])}})
         if want_state:
             res["state"] = self.worker.state()
@@ -74,10 +74,11 @@ def _state_arrays(worker: Worker) -> list[np.ndarray]:
 
 
 def _gather_table(worker: Worker, comm) -> np.ndarray:
-    """(size, 4) float64: checksum Σθ, Σθ², RSS, activation bytes — one row per rank."""
+    """(size, 4) float64: parameter CRC, peak RSS, RSS, activation bytes — one row per rank."""
     t = np.zeros((comm.size, 4))
     mem = worker.memory()
-    t[comm.rank] = (*worker.checksum(), mem["rss_bytes"], mem["activation_bytes"])
+    t[comm.rank] = (worker.checksum(), mem["peak_rss_bytes"], mem["rss_bytes"],
+                    mem["activation_bytes"])
     comm.allreduce_(t)
     return t
 

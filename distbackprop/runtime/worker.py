@@ -38,9 +38,10 @@ class Faults:
     hang_at: dict[int, list[int]] = field(default_factory=dict)
     exit_at: dict[int, list[int]] = field(default_factory=dict)
     pause_at: dict[int, list[int]] = field(default_factory=dict)
+    perturb_at: dict[int, list[int]] = field(default_factory=dict)  # nudge one replica
     dir: str | None = None
 
-    KINDS = ("nan_at", "hang_at", "exit_at", "pause_at")
+    KINDS = ("nan_at", "hang_at", "exit_at", "pause_at", "perturb_at")
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -65,9 +66,11 @@ class Faults:
         os.close(fd)
         return True
 
-    def fire(self, step: int, rank: int, grads: np.ndarray) -> None:
+    def fire(self, step: int, rank: int, grads: np.ndarray, params: np.ndarray) -> None:
         if self.hits("nan_at", step, rank):
             grads[0] = np.nan
+        if self.hits("perturb_at", step, rank):
+            params[0] += 1e-3
         if self.hits("hang_at", step, rank):
             time.sleep(3600)
         if self.hits("exit_at", step, rank):
@@ -188,10 +191,10 @@ class Worker:
     def set_params_(self, params: np.ndarray) -> None:
         self.model.params[...] = params
 
-    def checksum(self) -> tuple[float, float]:
-        """(Σθ, Σθ²) in float64 over the flat parameter buffer."""
-        p = self.model.params
-        return float(np.sum(p, dtype=np.float64)), float(np.dot(p, p))
+    def checksum(self) -> float:
+        """CRC-32 of the parameter bytes: replicas must agree bit for bit."""
+        from ..comm import local_checksum
+        return local_checksum(self.model.params)
 
     def memory(self) -> dict[str, int]:
         from ..metrics.memory import peak_rss_bytes, rss_bytes
@@ -220,7 +223,7 @@ class Worker:
         local_loss = loss_and_grad(self.loss, y_hat, y, float(global_count), dy)
         self.model.backward(dy, on_layer_done=hook)
         if self.faults_on:
-            self.faults.fire(step, self.rank, self.model.grads)
+            self.faults.fire(step, self.rank, self.model.grads, self.model.params)
         t[2] = time.perf_counter()
         if self._bucketer is not None:
             self._bucketer.wait_all()

@@ -130,3 +130,10 @@ def test_streaming_with_two_workers_trains(ray_cluster, tmp_path):
            for r in range(2)}
     assert len(spe) == 1  # every rank takes the same number of steps
     assert res.summary["steps"] == 4 * spe.pop()
+
+
+def test_diverged_replica_fails_the_run_clearly(ray_cluster, tmp_path, monkeypatch):
+    from distbackprop.runtime.coordinator import TrainingFailed
+    monkeypatch.setenv("DISTBACKPROP_TEST_FAULTS", '{"perturb_at": {"6": [1]}}')
+    with pytest.raises(TrainingFailed, match="replicas diverged.*rank 1"):
+        _fit(tmp_path, "diverge", workers=2)
