@@ -4,8 +4,9 @@ history.parquet columns (CONTRACT.md; extend, never rename):
 ``step, epoch, loss, samples, lr, grad_global_norm, grad_max_abs, nonfinite, skipped,
 step_seconds, time/<phase> for phase in PHASES, grad_norm/<layer>, update_ratio/<layer>``.
 
-memory.parquet columns: ``step, worker, rss_bytes, peak_rss_bytes, activation_bytes``
-(one row per worker per chunk end; all int64).
+memory.parquet columns: ``step, worker, rss_bytes, peak_rss_bytes, activation_bytes,
+open_fds, threads`` (one row per worker per chunk end; all int64; the last two are
+what a soak watches for leaks).
 
 Chunks are kept as a list of arrays and concatenated once when written, so
 appending costs O(chunk) and nothing is re-copied per step. Files are written to
@@ -32,7 +33,7 @@ _SCALARS: tuple[tuple[str, type], ...] = (
     ("nonfinite", np.int64), ("skipped", np.bool_), ("step_seconds", np.float64),
 )
 MEMORY_COLUMNS: tuple[str, ...] = (
-    "step", "worker", "rss_bytes", "peak_rss_bytes", "activation_bytes",
+    "step", "worker", "rss_bytes", "peak_rss_bytes", "activation_bytes", "open_fds", "threads",
 )
 
 
@@ -147,7 +148,7 @@ class MemoryHistory:
     """Per-worker memory at each chunk end; `write` gives memory.parquet."""
 
     def __init__(self) -> None:
-        self._rows: list[tuple[int, int, int, int, int]] = []
+        self._rows: list[tuple[int, ...]] = []
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -157,7 +158,8 @@ class MemoryHistory:
         for rank, m in sorted(memory.items()):
             rss = int(m["rss_bytes"])
             self._rows.append((int(step), int(rank), rss, int(m.get("peak_rss_bytes", rss)),
-                               int(m.get("activation_bytes", 0))))
+                               int(m.get("activation_bytes", 0)), int(m.get("open_fds", 0)),
+                               int(m.get("threads", 0))))
 
     def to_table(self) -> pa.Table:
         arr = np.array(self._rows, dtype=np.int64).reshape(-1, len(MEMORY_COLUMNS))
@@ -175,9 +177,12 @@ class MemoryHistory:
             cols = read_columns(path)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise ConfigError(f"{path}: cannot read as Parquet: {exc}") from exc
-        for name in MEMORY_COLUMNS:
+        for name in MEMORY_COLUMNS[:5]:
             if name not in cols:
                 raise ConfigError(f"{path}: missing column {name!r}")
+        n = len(cols["step"])
+        for name in MEMORY_COLUMNS[5:]:  # absent in files from before they existed
+            cols.setdefault(name, np.zeros(n, np.int64))
         m = cls()
         for row in zip(*(cols[name].tolist() for name in MEMORY_COLUMNS), strict=True):
             if before_step is None or row[0] < before_step:

@@ -50,3 +50,9 @@ def model_bytes(params: np.ndarray, grads: np.ndarray,
 
 
 __all__ = ["model_bytes", "peak_rss_bytes", "process_memory", "rss_bytes"]
+
+
+def process_handles(process: psutil.Process | None = None) -> dict[str, int]:
+    """{"open_fds", "threads"} of a process (the current one by default): leak indicators."""
+    p = process or psutil.Process()
+    return {"open_fds": p.num_fds(), "threads": p.num_threads()}

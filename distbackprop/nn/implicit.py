@@ -104,6 +104,8 @@ class ImplicitModel:
                 "readout": self.buffer.span(["readout.W", "readout.b"])}
 
     def _hint(self) -> str:
+        if not np.all(np.isfinite(self.W)):
+            return "W has non-finite entries"
         s = float(np.linalg.norm(self.W, 2))
         return (f"‖W‖₂ = {s:.3g}" + (" ≥ 1, so f need not be a contraction; scale W down"
                                       if s >= 1 else "; raise max_iter or tol"))

@@ -197,9 +197,9 @@ class Worker:
         return local_checksum(self.model.params)
 
     def memory(self) -> dict[str, int]:
-        from ..metrics.memory import peak_rss_bytes, rss_bytes
+        from ..metrics.memory import peak_rss_bytes, process_handles, rss_bytes
         return {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
-                "activation_bytes": int(self.peak_activation_bytes)}
+                "activation_bytes": int(self.peak_activation_bytes), **process_handles()}
 
     # the step -----------------------------------------------------------------------
     def compute_grad(self, step: int) -> tuple[float, int]:

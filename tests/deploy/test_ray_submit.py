@@ -124,7 +124,7 @@ def sshd(tmp_path):
         log.close()
 
 
-def _test_cluster_config(tmp_path: Path, key: Path, ray_tmp: str) -> tuple[Path, str]:
+def _test_cluster_config(tmp_path: Path, key: Path) -> tuple[Path, str]:
     """deploy/ray/cluster.yaml with this machine's host list, login and free ports."""
     cfg = yaml.safe_load((REPO / "deploy/ray/cluster.yaml").read_text())
     name = f"dbp-{secrets.token_hex(3)}"
@@ -147,7 +147,6 @@ def _test_cluster_config(tmp_path: Path, key: Path, ray_tmp: str) -> tuple[Path,
     # by process name; as this user it can only signal this user's processes.
     cfg_path = tmp_path / "cluster.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (tmp_path / "env").write_text(f"export RAY_TMPDIR={ray_tmp}\n")
     return cfg_path, name
 
 
@@ -171,7 +170,7 @@ def test_ray_up_submit_down(ssh_user, sshd, wheelhouse, project_wheel, tmp_path)
     # The node's own environment: pip takes wheels from the cached wheelhouse
     # (the index would work too, only slower), Ray keeps its temp dir apart.
     ray_tmp = f"/tmp/dbp-{secrets.token_hex(4)}"
-    cfg_path, name = _test_cluster_config(tmp_path, key, ray_tmp)
+    cfg_path, name = _test_cluster_config(tmp_path, key)
     pipconf = home / ".config/pip/pip.conf"
     pipconf.parent.mkdir(parents=True)
     pipconf.write_text(f"[global]\nno-index = true\nfind-links = {wheelhouse}\n")
@@ -190,7 +189,7 @@ def test_ray_up_submit_down(ssh_user, sshd, wheelhouse, project_wheel, tmp_path)
                   "--log-style", "record", str(cfg_path)], timeout=900, **common)
         t_up = time.monotonic() - started
 
-        sub = run([ray, "submit", "--no-config-cache", "--disable-usage-stats",
+        run([ray, "submit", "--no-config-cache", "--disable-usage-stats",
                    "--log-style", "record", str(cfg_path), str(REPO / "deploy/ray/train_job.py"),
                    "--", "--workers", "2", "--hidden", "32", "--epochs", "2",
                    "--out", str(out), "--metrics-port", "0", "--quiet"],
@@ -210,13 +209,14 @@ def test_ray_up_submit_down(ssh_user, sshd, wheelhouse, project_wheel, tmp_path)
                       timeout=300, check=False, **common)
         assert status.returncode == 0, status.stdout[-3000:] + status.stderr[-3000:]
         assert refused.returncode != 0, refused.stdout[-3000:]
+        assert "authentication token is invalid" in refused.stdout + refused.stderr
 
         # A configuration error on the node comes back as a failed submit.
         bad = run([ray, "submit", "--no-config-cache", "--log-style", "record", str(cfg_path),
                    str(REPO / "deploy/ray/train_job.py"), "--", "--workers", "0",
                    "--out", str(home / "runs/bad")], timeout=300, check=False, **common)
         assert bad.returncode != 0
-        assert "workers" in bad.stdout + bad.stderr
+        assert "distbackprop: error: workers" in bad.stdout + bad.stderr
         t_submit = time.monotonic() - started - t_up
     finally:
         down = run([ray, "down", "-y", "--log-style", "record", str(cfg_path)],
@@ -225,7 +225,7 @@ def test_ray_up_submit_down(ssh_user, sshd, wheelhouse, project_wheel, tmp_path)
     # `ray down` ran `ray stop` on the head: none of the user's Ray processes is left.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = [p for p in _ray_processes(pw.pw_uid)]
+        left = _ray_processes(pw.pw_uid)
         if not left:
             break
         time.sleep(1)

@@ -72,7 +72,6 @@ def test_gradient_wrt_h0_matches_finite_differences() -> None:
     m = _rnn()
     x, y = rng.standard_normal((2, 5, 2)), rng.standard_normal((2, 5, 3))
     h0 = 0.3 * rng.standard_normal((2, 4))
-    m.forward(x, h0)
     y_hat = m.forward(x, h0)
     dh0 = m.backward(y_hat - y)  # ∂/∂ŷ of ½‖ŷ − y‖² summed
     numeric = _fd(lambda: 0.5 * float(np.sum((m.forward(x, h0) - y) ** 2)), h0.reshape(-1))
