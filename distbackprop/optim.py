@@ -1,9 +1,10 @@
 """Optimizers, schedules and global-norm clipping, in place on flat arrays.
 
 Every optimizer keeps its state as flat arrays in `state` (checkpointable as
-they are) and updates `params` in place (`step_`). The update is processed in
-blocks that fit in cache, so the several elementwise passes of Adam read each
-value from memory once instead of once per pass.
+they are) and updates `params` in place (`step_`). The update runs over
+blocks of the flat buffer, dealt to `threads` threads (NumPy releases the GIL
+inside ufuncs), and each block also yields its share of ‖Δθ‖² and ‖θ‖² per
+layer, so update ratios cost no extra sweep.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-_BLOCK = 1 << 17  # elements per block: 512 KiB of float32; measured fastest here (1<<13..1<<17)
+_BLOCK = 1 << 19  # elements per block; measured fastest here among 2^15..2^19 (1 and 2 threads)
 
 
 def clip_grad_norm_(grads: np.ndarray, max_norm: float | None, norm: float | None = None) -> float:

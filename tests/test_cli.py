@@ -166,3 +166,29 @@ def test_pickled_model_refused_without_running_payload(tmp_path):
     assert r.returncode == 2
     assert "model" in r.stderr
     assert not marker.exists()
+
+
+def test_report_command_writes_readable_pngs(default_local_run):
+    r = run_cli("report", str(default_local_run))
+    assert r.returncode == 0, r.stderr
+    paths = [p for p in r.stdout.split() if p.endswith(".png")]
+    assert len(paths) >= 4
+    for p in paths:
+        data = open(p, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, p
+
+
+def test_report_on_a_non_run_directory(tmp_path):
+    r = run_cli("report", str(tmp_path))
+    assert r.returncode == 2 and "history.parquet" in r.stderr
+
+
+def test_data_inspect_command():
+    from distbackprop.data import embedded_digits_path
+    r = run_cli("data", "inspect", str(embedded_digits_path()), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["rows"] == 1797
+    assert "classification" in json.dumps(info)
+    r = run_cli("data", "inspect", str(embedded_digits_path()))
+    assert r.returncode == 0 and "1797" in r.stdout.replace(",", "")

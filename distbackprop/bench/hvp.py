@@ -4,7 +4,7 @@ Model: the compute reference 784-1024-1024-10, batch 256, float32, softmax cross
 with relu (σ″ = 0) and tanh (σ″ ≠ 0). `grad` is `model.loss_and_grad` (forward + backward);
 `hvp` a one-shot H·v from scratch (forward, δ backward, R-forward, R-backward); `matvec` one
 more H·v on an operator already built at θ (what power iteration and CG pay per product).
-Each round times the three back to back; figures are medians.
+Each round times the three back to back; figures are medians, with 1 BLAS thread.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ from ..nn.hessian import HessianOperator, hvp
 TITLE = "hvp: Hessian-vector product vs gradient, 784-1024-1024-10, batch 256, f32"
 SIZES = (784, 1024, 1024, 10)
 BATCH = 256
+# A worker's default (--cpus-per-worker 1); see bench/memory.py.
+BLAS_THREADS = 1
 
 
 def run(quick: bool = False) -> list[dict]:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        return _run(quick)
+
+
+def _run(quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, SIZES[0])).astype(np.float32)
     y = rng.integers(0, SIZES[-1], BATCH)
@@ -34,8 +43,8 @@ def run(quick: bool = False) -> list[dict]:
         op = HessianOperator(model, x, y, "cross_entropy")
         timed = {
             "grad": lambda m=model: m.loss_and_grad(x, y, "cross_entropy"),
-            "hvp": lambda m=model: hvp(m, x, y, v, "cross_entropy", out=out),
-            "matvec": lambda o=op: o.matvec(v, out=out),
+            "hvp": lambda m=model, v=v, out=out: hvp(m, x, y, v, "cross_entropy", out=out),
+            "matvec": lambda o=op, v=v, out=out: o.matvec(v, out=out),
         }
         times: dict[str, list[float]] = {k: [] for k in timed}
         for r in range(rounds + 2):

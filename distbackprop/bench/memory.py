@@ -2,8 +2,9 @@
 
 Model: 16 Dense layers, 512 wide (512-512-…-512-10), relu, batch 256, float32, softmax
 cross-entropy, Adam. Both paths share one parameter buffer; a round times one plain step then
-one checkpointed step (forward + loss + backward + Adam update), so both see the same machine
-load; figures are medians. Activation bytes are counted exactly: `held` is what is stored for
+each checkpointed step, so all see the same machine load. `fwd_bwd` is forward + loss +
+backward alone, `step` adds the Adam update; figures are medians, with 1 BLAS thread (a
+worker's default). Activation bytes are counted exactly: `held` is what is stored for
 backward after forward (what workers export as `activation_bytes`), `peak` the maximum held
 at any point of the step (including the recomputed segment), `workspace` every buffer the
 path has allocated. Gradients of the two paths are compared bit for bit.
@@ -21,9 +22,19 @@ from ..optim import make_optimizer
 
 TITLE = "memory: gradient checkpointing vs plain, 16-layer MLP (512 wide, batch 256, f32)"
 DEPTH, WIDTH, BATCH, N_OUT = 16, 512, 256, 10
+# A worker's default (--cpus-per-worker 1); multi-threaded BLAS on a shared 2-core machine
+# made the two paths' timings swing by 10× between rounds.
+BLAS_THREADS = 1
 
 
 def run(quick: bool = False) -> list[dict]:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        return _run(quick)
+
+
+def _run(quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     model = MLP([WIDTH] * DEPTH + [N_OUT], activation="relu", dtype=np.float32, seed=0)
     x = rng.standard_normal((BATCH, WIDTH)).astype(np.float32)
@@ -52,20 +63,24 @@ def run(quick: bool = False) -> list[dict]:
 
     opts = {name: make_optimizer("adam", model.params.size, np.float32) for name in paths}
 
-    def step(name: str) -> float:
+    def step(name: str) -> tuple[float, float]:
         t0 = time.perf_counter()
         paths[name].loss_and_grad(x, y, "cross_entropy")
+        t1 = time.perf_counter()
         opts[name].step_(model.params, model.grads, 1e-4)
-        return time.perf_counter() - t0
+        return t1 - t0, time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {name: [] for name in paths}
+    grad_t: dict[str, list[float]] = {name: [] for name in paths}
+    step_t: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(rounds + 2):
         for name in paths:
             model.params[...] = plain_params  # every path steps from the same point
-            t = step(name)
+            g, t = step(name)
             if r >= 2:  # warm-up rounds
-                times[name].append(t)
-    med = {name: float(np.median(v)) for name, v in times.items()}
+                grad_t[name].append(g)
+                step_t[name].append(t)
+    med = {name: float(np.median(v)) for name, v in step_t.items()}
+    med_grad = {name: float(np.median(v)) for name, v in grad_t.items()}
     rows = []
     base_held, base_peak, _, _ = mem["plain"]
     for name in paths:
@@ -77,6 +92,8 @@ def run(quick: bool = False) -> list[dict]:
             "workspace_MiB": ws / 2**20,
             "held_reduction": base_held / held,
             "peak_reduction": base_peak / peak,
+            "fwd_bwd_ms": med_grad[name] * 1e3,
+            "fwd_bwd_ratio": med_grad[name] / med_grad["plain"],
             "step_ms": med[name] * 1e3,
             "time_ratio": med[name] / med["plain"],
             "max_abs_grad_diff": diff,

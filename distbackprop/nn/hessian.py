@@ -261,9 +261,10 @@ def power_iteration(matvec, n: int, iters: int = 20, rng: np.random.Generator | 
     v /= np.linalg.norm(v)
     lam_prev = math.nan
     lam = 0.0
-    k = 0
-    for k in range(1, iters + 1):
+    products = 0
+    while products < iters:
         w = matvec(v)
+        products += 1
         lam = float(np.dot(v, w))
         nw = float(np.linalg.norm(w))
         if nw == 0.0 or not math.isfinite(nw):
@@ -272,7 +273,7 @@ def power_iteration(matvec, n: int, iters: int = 20, rng: np.random.Generator | 
         if abs(lam - lam_prev) <= tol * abs(lam):
             break
         lam_prev = lam
-    return lam, v, k
+    return lam, v, products
 
 
 def top_eigenvalue(model: Any, x: np.ndarray, y: np.ndarray, loss: str = "mse", iters: int = 20,

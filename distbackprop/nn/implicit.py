@@ -103,12 +103,20 @@ class ImplicitModel:
         return {"implicit": self.buffer.span(["implicit.W", "implicit.U", "implicit.b"]),
                 "readout": self.buffer.span(["readout.W", "readout.b"])}
 
+    def project_(self, max_norm: float = 0.95) -> float:
+        """In place: W ← W · min(1, max_norm / ‖W‖₂), keeping f a contraction after an
+        optimizer step (projected gradient descent). Returns ‖W‖₂ before the projection."""
+        s = float(np.linalg.norm(self.W, 2))
+        if s > max_norm:
+            self.W *= max_norm / s
+        return s
+
     def _hint(self) -> str:
         if not np.all(np.isfinite(self.W)):
             return "W has non-finite entries"
         s = float(np.linalg.norm(self.W, 2))
-        return (f"‖W‖₂ = {s:.3g}" + (" ≥ 1, so f need not be a contraction; scale W down"
-                                      if s >= 1 else "; raise max_iter or tol"))
+        return (f"‖W‖₂ = {s:.3g}" + (" ≥ 1, so f need not be a contraction; scale W down "
+                                      "(project_)" if s >= 1 else "; raise max_iter or tol"))
 
     # the equilibrium -------------------------------------------------------------------
     def solve(self, x: np.ndarray) -> np.ndarray:

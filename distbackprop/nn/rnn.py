@@ -17,6 +17,7 @@ readout.b``); layer names for metrics are ``rnn`` and ``readout``. Batch-first a
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from .layers import Dense

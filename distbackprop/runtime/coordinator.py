@@ -132,12 +132,20 @@ class Coordinator:
         return max(20.0, 10.0 * k * self._step_estimate)
 
     def run(self) -> Commit:
-        """Train to `total_steps`; returns the final commit. Raises `TrainingFailed`."""
+        """Train to `total_steps`; returns the final commit. Raises `TrainingFailed`.
+
+        A failure while starting the group (a worker that never joins) counts
+        against `--max-failures` like one during training.
+        """
         try:
-            self._start_group()
-            self.state = State.RUNNING
             while self.commit.step < self.total_steps:
                 try:
+                    if self.group is None:
+                        self._start_group()
+                        if self.state is State.RECOVERING:
+                            self.stats.restarts += 1
+                            self.stats.recovery_seconds.append(time.monotonic() - self._t_fail)
+                        self.state = State.RUNNING
                     self._run_one_chunk()
                 except WorkerFailure as exc:
                     self._recover(exc)
@@ -149,27 +157,24 @@ class Coordinator:
             raise
         finally:
             if self.group is not None:
-                self.group.shutdown(graceful=self.state is State.FINISHED) \
-                    if hasattr(self.group, "pids") else self.group.shutdown()
+                self.group.shutdown(graceful=self.state is State.FINISHED)
                 self.group = None
 
     def _recover(self, exc: WorkerFailure) -> None:
+        """Kill the whole group (survivors are stuck inside MPI); the loop starts a new one."""
         self.failures += 1
+        self._t_fail = time.monotonic()
         self.stats.failures.append({"detected_at": time.time(), "message": str(exc),
                                     "ranks": list(exc.ranks), "resume_step": self.commit.step})
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
         if self.failures > self.config.max_failures:
             raise TrainingFailed(f"{exc}; giving up after {self.failures} failure(s) "
                                  f"(--max-failures {self.config.max_failures})") from None
         self.state = State.RECOVERING
-        t0 = time.monotonic()
         if self.hooks.on_restart:
             self.hooks.on_restart(str(exc))
-        self.group.shutdown()
-        self.group = None
-        self._start_group()
-        self.stats.restarts += 1
-        self.stats.recovery_seconds.append(time.monotonic() - t0)
-        self.state = State.RUNNING
 
     def _run_one_chunk(self) -> None:
         step = self.commit.step

@@ -50,7 +50,7 @@ class WorkerGroup(Protocol):
     def grad_step(self, step: int, params: np.ndarray | None,
                   deadline: float) -> dict[str, Any]: ...
     def load_state(self, state: dict[str, np.ndarray]) -> None: ...
-    def shutdown(self) -> None: ...
+    def shutdown(self, graceful: bool = False) -> None: ...
 
 
 class LocalGroup:
@@ -80,7 +80,7 @@ class LocalGroup:
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.worker.load_state_(state)
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = False) -> None:
         self.worker = None
 
 

@@ -62,8 +62,8 @@ class MpiRootGroup:
         for arr in _state_arrays(self.worker):
             self.comm.bcast_(arr, root=0)
 
-    def shutdown(self) -> None:
-        pass
+    def shutdown(self, graceful: bool = False) -> None:
+        pass  # the ranks outlive the group: `run_mpi` stops them
 
     def stop_followers(self) -> None:
         self._send(CMD_STOP)

@@ -151,6 +151,8 @@ class Trainer:
         exporter.explode_threshold.set(cfg.explode_threshold)
 
         progress = _Progress(total, commit.step, quiet=cfg.quiet)
+        for note in bundle.notes:
+            progress.write(f"data: {note}")
         last_ckpt: list[Path | None] = [None]
         state = {"restarts": prev_restarts}
         t_chunk = [time.time()]
@@ -228,8 +230,6 @@ class Trainer:
                            self.started, state["restarts"])
         meta = bundle.model_meta()
         meta.update({"loss": loss, "config": cfg.to_dict()})
-        for note in getattr(bundle, "notes", []) or []:
-            progress.write(f"data: {note}")
         model.save(run_dir / "model.npz", meta=meta)
         history.write(run_dir / "history.parquet")
         if len(memhist):

@@ -133,3 +133,14 @@ def test_training_lowers_the_loss() -> None:
         m.loss_and_grad(x, y, "mse")
         opt.step_(m.params, m.grads, 1e-2)
     assert m.loss_and_grad(x, y, "mse") < 0.1 * first
+
+
+def test_projection_keeps_the_layer_contractive() -> None:
+    m = _model()
+    m.W[...] *= 4.0
+    before = m.project_(0.9)
+    assert before == pytest.approx(2.0)  # started at ‖W‖₂ = 0.5
+    assert np.linalg.norm(m.W, 2) == pytest.approx(0.9)
+    assert np.shares_memory(m.W, m.params)
+    W = m.W.copy()
+    assert m.project_(0.95) == pytest.approx(0.9) and np.array_equal(m.W, W)  # no-op inside

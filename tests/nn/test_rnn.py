@@ -81,7 +81,7 @@ def test_gradient_wrt_h0_matches_finite_differences() -> None:
 def _chunked(m: RNN, x, y, k: int, denom: float):
     """The definition: run the full forward, then chunk by chunk from the carried (constant)
     state h_{jk}, take each chunk's exact gradient, and sum."""
-    B, T = x.shape[0], x.shape[1]
+    T = x.shape[1]
     m.forward(x)
     states = m._H.copy()
     m.release_()
