@@ -31,6 +31,8 @@ _HELP = {
     "activation": "relu|leaky_relu|sigmoid|tanh|gelu|softplus|identity",
     "init": "he|xavier|normal (he for relu-like, xavier otherwise)",
     "dtype": "float32|float64",
+    "remat_every": "gradient checkpointing: keep every K-th layer's input, recompute the rest",
+    "sharpness_every": "every N steps, export the top Hessian eigenvalue (power iteration)",
     "loss": "mse|cross_entropy|bce (default by task)",
     "optimizer": "sgd|momentum|nesterov|adam|adamw",
     "batch_size": "global batch size (split across workers)",
@@ -144,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks, each against its reference in the same run")
     b.add_argument("which", nargs="?", default="all",
-                   choices=["compute", "data", "allreduce", "scaling", "soak", "all"])
+                   choices=["compute", "data", "allreduce", "scaling", "soak", "memory", "hvp",
+                            "all"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
 

@@ -48,6 +48,7 @@ class TrainConfig:
     activation: str = "relu"
     init: str | None = None
     dtype: str = "float32"
+    remat_every: int | None = None
     # loss
     loss: str | None = None
     # optimization
@@ -80,6 +81,7 @@ class TrainConfig:
     explode_threshold: float = 1e3
     on_nonfinite: str = "skip"
     max_consecutive_skips: int = 3
+    sharpness_every: int | None = None
     # metrics
     metrics_port: int = 9400
     metrics_host: str = "127.0.0.1"
@@ -185,6 +187,8 @@ class TrainConfig:
         positive("vanish_threshold", strict=False)
         positive("explode_threshold")
         positive("max_consecutive_skips")
+        positive("sharpness_every", optional=True)
+        positive("remat_every", optional=True)
         positive("weight_decay", strict=False)
         positive("warmup_steps", strict=False)
         positive("max_failures", strict=False)
@@ -206,6 +210,8 @@ class TrainConfig:
         if (self.val_data is not None and "://" not in self.val_data
                 and not Path(self.val_data).exists()):
             p.append(f"val_data: file not found: {self.val_data}")
+        if self.val_data is not None and self.val_fraction is not None:
+            p.append("val_fraction: cannot be combined with val_data (choose one)")
         if self.resume is not None and not Path(self.resume).is_dir():
             p.append(f"resume: not a run directory: {self.resume}")
         if p:

@@ -158,6 +158,9 @@ class MetricsExporter:
         self.lr = Gauge("distbackprop_lr", "Learning rate of the last step", registry=r)
         self.grad_max_abs = Gauge("distbackprop_grad_max_abs",
                                   "Largest finite |gradient| entry, last step", registry=r)
+        self.sharpness = Gauge("distbackprop_sharpness",
+                               "Top Hessian eigenvalue (power iteration on HVPs), last measured "
+                               "(--sharpness-every)", registry=r)
         self.vanish_threshold = Gauge("distbackprop_grad_vanish_threshold",
                                       "Per-layer gradient norm below which a layer vanishes",
                                       registry=r)
@@ -274,6 +277,10 @@ class MetricsExporter:
         self.lr.set(float(stats["lr"][last]))
         self.step.set(float(stats["step"][last]))
         self.epoch.set(float(stats["epoch"][last]))
+        sharp = np.asarray(stats.get("sharpness", ()), dtype=np.float64)
+        measured = sharp[np.isfinite(sharp)]
+        if measured.size:
+            self.sharpness.set(float(measured[-1]))
 
         self.phase_seconds.observe_many(stats["phase_seconds"])
         seconds = float(wall_seconds if wall_seconds is not None

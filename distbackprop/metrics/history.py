@@ -31,7 +31,10 @@ _SCALARS: tuple[tuple[str, type], ...] = (
     ("step", np.int64), ("epoch", np.int64), ("loss", np.float64), ("samples", np.int64),
     ("lr", np.float64), ("grad_global_norm", np.float64), ("grad_max_abs", np.float64),
     ("nonfinite", np.int64), ("skipped", np.bool_), ("step_seconds", np.float64),
+    ("sharpness", np.float64),
 )
+# Measured only every --sharpness-every steps (NaN otherwise); absent in older files.
+_OPTIONAL = frozenset({"sharpness"})
 MEMORY_COLUMNS: tuple[str, ...] = (
     "step", "worker", "rss_bytes", "peak_rss_bytes", "activation_bytes", "open_fds", "threads",
 )
@@ -79,6 +82,9 @@ class HistoryWriter:
             ("phase_seconds", np.float64, (k, len(PHASES))),
         ]
         for name, dt, shape in want:
+            if name in _OPTIONAL and name not in stats:
+                chunk[name] = np.full(shape, np.nan)
+                continue
             if name not in stats:
                 raise ValueError(f"stats: missing key {name!r}")
             a = np.array(stats[name], dtype=dt, copy=True)
@@ -120,6 +126,9 @@ class HistoryWriter:
             cols = read_columns(path)
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise ConfigError(f"{path}: cannot read as Parquet: {exc}") from exc
+        n_rows = len(cols.get("step", ()))
+        for name in _OPTIONAL:
+            cols.setdefault(name, np.full(n_rows, np.nan))
         need = [name for name, _ in _SCALARS] + [f"time/{p}" for p in PHASES] + [
             f"{k}/{x}" for k in ("grad_norm", "update_ratio") for x in self.layers]
         missing = [name for name in need if name not in cols]

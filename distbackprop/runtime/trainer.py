@@ -133,64 +133,69 @@ class Trainer:
                                   f"at or past the {total} steps asked for (raise --max-steps "
                                   "or --epochs)")
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_yaml(run_dir / "config.yaml", cfg)
-
+        # Everything that can refuse the run happens before the run directory is touched.
         exporter = MetricsExporter.from_config(cfg, layers)
-        try:
-            exporter.start()
-        except OSError as exc:
-            raise ConfigError(f"metrics_port: cannot listen on {cfg.metrics_host}:"
-                              f"{cfg.metrics_port} ({exc.strerror}); choose another port or "
-                              "--metrics-port 0 to turn metrics off") from None
-        opt_bytes = sum(v.nbytes for k, v in commit.state.items() if k.startswith("opt/"))
-        exporter.set_model_bytes(model_bytes(probe.params, probe.grads, {"opt": np.zeros(
-            opt_bytes, np.uint8)}))
-        exporter.set_workers(cfg.world_size)
-        exporter.vanish_threshold.set(cfg.vanish_threshold)  # before the first chunk too
-        exporter.explode_threshold.set(cfg.explode_threshold)
-
-        progress = _Progress(total, commit.step, quiet=cfg.quiet)
-        for note in bundle.notes:
-            progress.write(f"data: {note}")
-        last_ckpt: list[Path | None] = [None]
-        state = {"restarts": prev_restarts}
-        t_chunk = [time.time()]
-
-        def on_chunk(stats, memory):
-            now = time.time()
-            history.append(stats)
-            exporter.record_chunk(stats, cfg.vanish_threshold, cfg.explode_threshold,
-                                  wall_seconds=now - t_chunk[0])
-            t_chunk[0] = now
-            exporter.record_workers(memory)
-            if len(stats["step"]):
-                memhist.append(int(stats["step"][-1]), memory)
-
-        def on_commit(c: Commit):
-            if cfg.checkpoint_every and (c.step % cfg.checkpoint_every == 0 or c.step == total):
-                meta = {"step": c.step, "epoch": c.step // spe, "position": c.step % spe,
-                        "config": cfg.to_dict(), "restarts": state["restarts"],
-                        "data_order": {"seed": cfg.seed, "steps_per_epoch": spe}}
-                last_ckpt[0] = save_checkpoint(run_dir, c.step, c.state, meta,
-                                               keep=cfg.keep_checkpoints)
-
-        def on_restart(why: str):
-            state["restarts"] += 1
-            exporter.inc_restarts()
-            progress.write(f"worker failure: {why}; restarting the group from step "
-                           f"{coordinator.commit.step}")
-
-        spec = GroupSpec(cfg, None, n_out, loss, total,
-                         faults_json=os.environ.get("DISTBACKPROP_TEST_FAULTS"),
-                         stream=bundle.stream, n_in=bundle.n_features)
         started_ray = False
-        if group_factory is None:
-            if cfg.local:
+        if group_factory is None and not cfg.local:
+            started_ray = _ensure_ray(cfg)
+        progress = None
+        try:
+            if group_factory is None and not cfg.local:
+                _check_capacity(cfg)
+            try:
+                exporter.start()
+            except OSError as exc:
+                raise ConfigError(f"metrics_port: cannot listen on {cfg.metrics_host}:"
+                                  f"{cfg.metrics_port} ({exc.strerror}); choose another port "
+                                  "or --metrics-port 0 to turn metrics off") from None
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_yaml(run_dir / "config.yaml", cfg)
+            opt_bytes = sum(v.nbytes for k, v in commit.state.items() if k.startswith("opt/"))
+            exporter.set_model_bytes(model_bytes(probe.params, probe.grads, {
+                "opt": np.zeros(opt_bytes, np.uint8)}))
+            exporter.set_workers(cfg.world_size)
+            exporter.vanish_threshold.set(cfg.vanish_threshold)  # before the first chunk too
+            exporter.explode_threshold.set(cfg.explode_threshold)
+
+            progress = _Progress(total, commit.step, quiet=cfg.quiet)
+            for note in bundle.notes:
+                progress.write(f"data: {note}")
+            last_ckpt: list[Path | None] = [None]
+            state = {"restarts": prev_restarts}
+            t_chunk = [time.time()]
+
+            def on_chunk(stats, memory):
+                now = time.time()
+                history.append(stats)
+                exporter.record_chunk(stats, cfg.vanish_threshold, cfg.explode_threshold,
+                                      wall_seconds=now - t_chunk[0])
+                t_chunk[0] = now
+                exporter.record_workers(memory)
+                if len(stats["step"]):
+                    memhist.append(int(stats["step"][-1]), memory)
+
+            def on_commit(c: Commit):
+                if cfg.checkpoint_every and (c.step % cfg.checkpoint_every == 0
+                                             or c.step == total):
+                    meta = {"step": c.step, "epoch": c.step // spe, "position": c.step % spe,
+                            "config": cfg.to_dict(), "restarts": state["restarts"],
+                            "data_order": {"seed": cfg.seed, "steps_per_epoch": spe}}
+                    last_ckpt[0] = save_checkpoint(run_dir, c.step, c.state, meta,
+                                                   keep=cfg.keep_checkpoints)
+
+            def on_restart(why: str):
+                state["restarts"] += 1
+                exporter.inc_restarts()
+                progress.write(f"worker failure: {why}; restarting the group from step "
+                               f"{coordinator.commit.step}")
+
+            spec = GroupSpec(cfg, None, n_out, loss, total,
+                             faults_json=os.environ.get("DISTBACKPROP_TEST_FAULTS"),
+                             stream=bundle.stream, n_in=bundle.n_features)
+            if group_factory is None and cfg.local:
                 def group_factory():
                     return LocalGroup(spec, bundle.x_train, bundle.y_train)
-            else:
-                started_ray = _ensure_ray(cfg)
+            elif group_factory is None:
                 if bundle.stream is None:
                     from ..data import write_cache
                     spec.cache_path = str(write_cache(bundle, run_dir / ".cache"))
@@ -198,27 +203,28 @@ class Trainer:
                 def group_factory():
                     return RayGroup(spec, cfg.rendezvous_timeout)
 
-        coordinator = Coordinator(
-            cfg, group_factory, total, commit,
-            CoordinatorHooks(on_chunk=on_chunk, on_commit=on_commit, on_restart=on_restart,
-                             progress=progress.update),
-            layer_names=layers, n_params=probe.params.size, param_dtype=probe.dtype,
-            layer_slices=list(probe.layer_slices().values()))
-        coordinator.set_steps_per_epoch(spe)
-        try:
-            final = coordinator.run()
-        except TrainingFailed as exc:
-            exporter.stop()
-            history.write(run_dir / "history.parquet")
-            where = last_ckpt[0] or _newest_checkpoint(run_dir)
-            raise TrainingFailed(
-                f"{exc}. Last good checkpoint: "
-                f"{where if where else 'none (use --checkpoint-every to write them)'}") from None
+            coordinator = Coordinator(
+                cfg, group_factory, total, commit,
+                CoordinatorHooks(on_chunk=on_chunk, on_commit=on_commit, on_restart=on_restart,
+                                 progress=progress.update),
+                layer_names=layers, n_params=probe.params.size, param_dtype=probe.dtype,
+                layer_slices=list(probe.layer_slices().values()))
+            coordinator.set_steps_per_epoch(spe)
+            try:
+                final = coordinator.run()
+            except TrainingFailed as exc:
+                history.write(run_dir / "history.parquet")
+                where = last_ckpt[0] or _newest_checkpoint(run_dir)
+                raise TrainingFailed(
+                    f"{exc}. Last good checkpoint: "
+                    f"{where if where else 'none (use --checkpoint-every to write them)'}"
+                ) from None
         except BaseException:
             exporter.stop()
             raise
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             if started_ray:
                 import ray
                 ray.shutdown()
@@ -341,6 +347,16 @@ def _ensure_ray(cfg: TrainConfig) -> bool:
         need = cfg.workers * cfg.cpus_per_worker
         ray.init(num_cpus=max(os.cpu_count() or 1, need), **kwargs)
     return True
+
+
+def _check_capacity(cfg: TrainConfig) -> None:
+    """Refuse, before any actor starts, a group the cluster can never place."""
+    import ray
+    have = ray.cluster_resources().get("CPU", 0)
+    need = cfg.workers * cfg.cpus_per_worker
+    if need > have:
+        raise ConfigError(f"workers: {cfg.workers} workers × {cfg.cpus_per_worker} CPU need "
+                          f"{need} CPUs; the Ray cluster has {have:g}")
 
 
 class _Progress:

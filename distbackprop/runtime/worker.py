@@ -123,6 +123,7 @@ class StatsBuffer:
             "update_ratio": np.zeros((k, n_layers)), "grad_max_abs": np.zeros(k),
             "nonfinite": np.zeros(k, np.int64), "skipped": np.zeros(k, bool),
             "step_seconds": np.zeros(k), "phase_seconds": np.zeros((k, len(PHASES))),
+            "sharpness": np.full(k, np.nan),
         }
 
     def trimmed(self, n: int) -> dict[str, np.ndarray]:
@@ -146,6 +147,11 @@ class Worker:
         self.comm = comm if comm is not None else LocalComm()
         self.loss = loss
         self.model = build_model(config, x.shape[1] if x is not None else n_in, n_out)
+        # `net` runs the passes: the model itself, or gradient checkpointing over its buffer.
+        self.net = self.model
+        if config.remat_every:
+            from ..nn.remat import CheckpointedMLP
+            self.net = CheckpointedMLP(self.model, config.remat_every)
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = build_schedule(config, total_steps)
         self.total_steps = total_steps
@@ -214,14 +220,14 @@ class Worker:
         hook = None
         if self._bucketer is not None:
             hook = self._bucketer.mark_ready_
-        y_hat = self.model.forward(x)
+        y_hat = self.net.forward(x)
         self.peak_activation_bytes = max(self.peak_activation_bytes,
-                                         self.model.activation_bytes())
+                                         self.net.activation_bytes())
         t[1] = time.perf_counter()
         from ..nn.losses import loss_and_grad
         dy = self._dy_buffer(y_hat)
         local_loss = loss_and_grad(self.loss, y_hat, y, float(global_count), dy)
-        self.model.backward(dy, on_layer_done=hook)
+        self.net.backward(dy, on_layer_done=hook)
         if self.faults_on:
             self.faults.fire(step, self.rank, self.model.grads, self.model.params)
         t[2] = time.perf_counter()
@@ -233,6 +239,19 @@ class Worker:
         self._ctrl[1] = 0.0 if math.isfinite(local_loss) else 1.0
         t[3] = time.perf_counter()
         return local_loss, global_count
+
+    def sharpness(self, step: int) -> float:
+        """Top Hessian eigenvalue on this step's global batch (collective: every rank calls it).
+
+        Power iteration on Hessian-vector products (Pearlmutter's R-operator), each
+        allreduced; the start vector is seeded by `step`, identical on every rank.
+        """
+        from ..nn.hessian import top_eigenvalue
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        x, y, global_count = self.batcher.batch(epoch, pos)
+        return top_eigenvalue(self.model, x, y, self.loss, iters=20,
+                              rng=np.random.default_rng([self.config.seed, step]),
+                              denom=float(global_count), comm=self.comm)
 
     def _dy_buffer(self, y_hat: np.ndarray) -> np.ndarray:
         buf = getattr(self, "_dy", None)
@@ -273,6 +292,8 @@ class Worker:
         n = 0
         for i in range(k):
             step = start + i
+            if self.config.sharpness_every and step % self.config.sharpness_every == 0:
+                a["sharpness"][i] = self.sharpness(step)
             t_start = time.perf_counter()
             loss_local, samples = self.compute_grad(step)
             loss, gnorm, nonfinite, skip = self.health_and_decide()

@@ -137,3 +137,21 @@ def test_diverged_replica_fails_the_run_clearly(ray_cluster, tmp_path, monkeypat
     monkeypatch.setenv("DISTBACKPROP_TEST_FAULTS", '{"perturb_at": {"6": [1]}}')
     with pytest.raises(TrainingFailed, match="replicas diverged.*rank 1"):
         _fit(tmp_path, "diverge", workers=2)
+
+
+def test_sharpness_and_remat_match_local(ray_cluster, local_result, tmp_path):
+    """--sharpness-every (allreduced HVPs) and --remat-every across 2 workers = one process."""
+    loc = _fit(tmp_path, "sl", local=True, sharpness_every=8)
+    dist = _fit(tmp_path, "sd", workers=2, sharpness_every=8, remat_every=2)
+    # neither option changes the training itself
+    np.testing.assert_array_equal(loc.model.params, local_result.model.params)
+    rel = (np.linalg.norm(dist.model.params - local_result.model.params)
+           / np.linalg.norm(local_result.model.params))
+    assert rel < 1e-10
+    a = loc.history.column("sharpness").to_numpy()
+    b = dist.history.column("sharpness").to_numpy()
+    measured = np.isfinite(a)
+    assert list(np.flatnonzero(measured)) == [0, 8, 16]
+    np.testing.assert_array_equal(measured, np.isfinite(b))
+    np.testing.assert_allclose(a[measured], b[measured], rtol=1e-5)
+    assert np.all(a[measured] > 0)
