@@ -30,6 +30,13 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> f
     return float(np.median(times))
 
 
+def with_blas_threads(n: int, fn: Callable[[], list[dict]]) -> list[dict]:
+    """Run `fn` with BLAS limited to `n` threads (a worker's --cpus-per-worker default is 1)."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=n, user_api="blas"):
+        return fn()
+
+
 def format_table(title: str, rows: list[dict]) -> str:
     if not rows:
         return f"## {title}\n(no rows)\n"

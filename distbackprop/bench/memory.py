@@ -28,10 +28,8 @@ BLAS_THREADS = 1
 
 
 def run(quick: bool = False) -> list[dict]:
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
-        return _run(quick)
+    from . import with_blas_threads
+    return with_blas_threads(BLAS_THREADS, lambda: _run(quick))
 
 
 def _run(quick: bool) -> list[dict]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .layers import Dense
 from .losses import loss_and_grad as _loss_and_grad
-from .params import ParamBuffer
+from .params import FlatModel, ParamBuffer
 
 
 class FixedPointError(ArithmeticError):
@@ -36,7 +36,7 @@ class FixedPointError(ArithmeticError):
         super().__init__(msg + (f"; {hint}" if hint else ""))
 
 
-class ImplicitModel:
+class ImplicitModel(FlatModel):
     """An equilibrium layer of `n_hidden` units and a linear readout, over one `ParamBuffer`.
 
     Parameter names: ``implicit.W (H, H), implicit.U (H, n_in), implicit.b (H,), readout.W,
@@ -76,32 +76,9 @@ class ImplicitModel:
         self.forward_iterations = self.backward_iterations = 0
         self.forward_residual = self.backward_residual = math.nan
 
-    # flat buffers ------------------------------------------------------------------
-    @property
-    def params(self) -> np.ndarray:
-        return self.buffer.params
-
-    @property
-    def grads(self) -> np.ndarray:
-        return self.buffer.grads
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.buffer.dtype
-
-    @property
-    def layer_names(self) -> list[str]:
-        return ["implicit", "readout"]
-
-    def named_params(self) -> dict[str, np.ndarray]:
-        return self.buffer.named_params()
-
-    def named_grads(self) -> dict[str, np.ndarray]:
-        return self.buffer.named_grads()
-
-    def layer_slices(self) -> dict[str, slice]:
-        return {"implicit": self.buffer.span(["implicit.W", "implicit.U", "implicit.b"]),
-                "readout": self.buffer.span(["readout.W", "readout.b"])}
+    def layer_params(self) -> dict[str, list[str]]:
+        return {"implicit": ["implicit.W", "implicit.U", "implicit.b"],
+                "readout": ["readout.W", "readout.b"]}
 
     def project_(self, max_norm: float = 0.95) -> float:
         """In place: W ← W · min(1, max_norm / ‖W‖₂), keeping f a contraction after an
@@ -238,8 +215,6 @@ class ImplicitModel:
         """Exact bytes held for backward: x and z* (independent of the iteration count)."""
         return sum(a.nbytes for a in (self._x, self._z) if a is not None)
 
-    def zero_grad_(self) -> None:
-        self.buffer.zero_grad_()
 
     def release_(self) -> None:
         self._x = self._z = None

@@ -16,7 +16,7 @@ import numpy as np
 
 from .layers import Dense, Layer, make_activation
 from .losses import loss_and_grad as _loss_and_grad
-from .params import ParamBuffer
+from .params import FlatModel, ParamBuffer
 
 INITS = ("he", "xavier", "normal")
 MODEL_FORMAT = 1
@@ -38,7 +38,7 @@ def init_params_(model: MLP, init: str, rng: np.random.Generator, scale: float =
         d.b[...] = 0
 
 
-class Sequential:
+class Sequential(FlatModel):
     """Layers applied in order over one `ParamBuffer` (its `params`/`grads` are the model's)."""
 
     def __init__(self, layers: Sequence[Layer], buffer: ParamBuffer):
@@ -47,33 +47,8 @@ class Sequential:
         self.dense_layers = [lay for lay in self.layers if isinstance(lay, Dense)]
         self._dy: np.ndarray | None = None
 
-    # flat buffers and their views -------------------------------------------------
-    @property
-    def params(self) -> np.ndarray:
-        return self.buffer.params
-
-    @property
-    def grads(self) -> np.ndarray:
-        return self.buffer.grads
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.buffer.dtype
-
-    @property
-    def layer_names(self) -> list[str]:
-        return [d.name for d in self.dense_layers]
-
-    def named_params(self) -> dict[str, np.ndarray]:
-        """Ordered {"dense0.W": (out, in) view, "dense0.b": (out,) view, ...}."""
-        return self.buffer.named_params()
-
-    def named_grads(self) -> dict[str, np.ndarray]:
-        return self.buffer.named_grads()
-
-    def layer_slices(self) -> dict[str, slice]:
-        """{"dense0": slice} over the flat buffers, covering that layer's W and b."""
-        return {n: self.buffer.span([f"{n}.W", f"{n}.b"]) for n in self.layer_names}
+    def layer_params(self) -> dict[str, list[str]]:
+        return {d.name: [f"{d.name}.W", f"{d.name}.b"] for d in self.dense_layers}
 
     # the passes ---------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -121,9 +96,6 @@ class Sequential:
             for a in layer.cached():
                 seen[id(a)] = a.nbytes
         return sum(seen.values())
-
-    def zero_grad_(self) -> None:
-        self.buffer.zero_grad_()
 
     def release_(self) -> None:
         """Drop every cache forward kept (inference needs no backward)."""

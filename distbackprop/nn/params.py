@@ -58,3 +58,48 @@ class ParamBuffer:
         """The smallest slice covering `names` (contiguous when they are adjacent)."""
         sl = [self.offsets[n] for n in names]
         return slice(min(s.start for s in sl), max(s.stop for s in sl))
+
+
+class FlatModel:
+    """What every model over one `ParamBuffer` (``self.buffer``) exposes.
+
+    Subclasses name their layers' parameters in `layer_params` (layer order);
+    the flat buffers, named views and per-layer slices follow from it.
+    """
+
+    buffer: ParamBuffer
+
+    def layer_params(self) -> dict[str, list[str]]:
+        """{layer: [parameter names]} in layer order; each layer's names are adjacent."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    @property
+    def params(self) -> np.ndarray:
+        return self.buffer.params
+
+    @property
+    def grads(self) -> np.ndarray:
+        return self.buffer.grads
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.buffer.dtype
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layer_params())
+
+    def named_params(self) -> dict[str, np.ndarray]:
+        """Ordered {"dense0.W": view, ...} sharing memory with `params`."""
+        return self.buffer.named_params()
+
+    def named_grads(self) -> dict[str, np.ndarray]:
+        return self.buffer.named_grads()
+
+    def layer_slices(self) -> dict[str, slice]:
+        """{layer: slice} over the flat buffers, covering all of that layer's parameters."""
+        return {n: self.buffer.span(names) for n, names in self.layer_params().items()}
+
+    def zero_grad_(self) -> None:
+        """Zero the gradient buffer in place."""
+        self.buffer.zero_grad_()

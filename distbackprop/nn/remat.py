@@ -67,46 +67,17 @@ class CheckpointedMLP:
         self.peak_activation_bytes = 0
         self._dy: np.ndarray | None = None
 
-    # the wrapped model's buffers ----------------------------------------------------
-    @property
-    def params(self) -> np.ndarray:
-        return self.model.params
-
-    @property
-    def grads(self) -> np.ndarray:
-        return self.model.grads
-
-    @property
-    def buffer(self):
-        return self.model.buffer
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.model.dtype
-
-    @property
-    def layers(self) -> list:
-        return self.model.layers
+    # the wrapped model's buffers, views and names ------------------------------------
+    def __getattr__(self, name: str):
+        # params, grads, buffer, dtype, layers, layer_names, layer_slices, named_params,
+        # named_grads, zero_grad_ …: the wrapped model's own (shared buffer).
+        if name == "model":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
     @property
     def dense_layers(self) -> list[Dense]:
         return [d for d, _ in self.blocks]
-
-    @property
-    def layer_names(self) -> list[str]:
-        return self.model.layer_names
-
-    def layer_slices(self) -> dict[str, slice]:
-        return self.model.layer_slices()
-
-    def named_params(self) -> dict[str, np.ndarray]:
-        return self.model.named_params()
-
-    def named_grads(self) -> dict[str, np.ndarray]:
-        return self.model.named_grads()
-
-    def zero_grad_(self) -> None:
-        self.model.zero_grad_()
 
     # buffers and accounting -----------------------------------------------------------
     def _view(self, key: str, rows: int, width: int) -> np.ndarray:

@@ -22,10 +22,10 @@ import numpy as np
 
 from .layers import Dense
 from .losses import loss_and_grad as _loss_and_grad
-from .params import ParamBuffer
+from .params import FlatModel, ParamBuffer
 
 
-class RNN:
+class RNN(FlatModel):
     """Elman RNN (tanh) with a linear readout at every step, over one flat `ParamBuffer`.
 
     After each backward, `time_grad_norms` (T,) holds ‖∂L/∂h_t‖ (Frobenius over the batch)
@@ -61,32 +61,8 @@ class RNN:
         self._H: np.ndarray | None = None   # (T+1, batch, hidden), H[0] = h0
         self.time_grad_norms = np.zeros(0)
 
-    # flat buffers ------------------------------------------------------------------
-    @property
-    def params(self) -> np.ndarray:
-        return self.buffer.params
-
-    @property
-    def grads(self) -> np.ndarray:
-        return self.buffer.grads
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.buffer.dtype
-
-    @property
-    def layer_names(self) -> list[str]:
-        return ["rnn", "readout"]
-
-    def named_params(self) -> dict[str, np.ndarray]:
-        return self.buffer.named_params()
-
-    def named_grads(self) -> dict[str, np.ndarray]:
-        return self.buffer.named_grads()
-
-    def layer_slices(self) -> dict[str, slice]:
-        return {"rnn": self.buffer.span(["rnn.W_x", "rnn.W_h", "rnn.b"]),
-                "readout": self.buffer.span(["readout.W", "readout.b"])}
+    def layer_params(self) -> dict[str, list[str]]:
+        return {"rnn": ["rnn.W_x", "rnn.W_h", "rnn.b"], "readout": ["readout.W", "readout.b"]}
 
     # the passes ----------------------------------------------------------------------
     def forward(self, x: np.ndarray, h0: np.ndarray | None = None) -> np.ndarray:
@@ -183,8 +159,6 @@ class RNN:
         (a view of h, so not counted twice). 0 after backward."""
         return sum(a.nbytes for a in (self._X, self._H) if a is not None)
 
-    def zero_grad_(self) -> None:
-        self.buffer.zero_grad_()
 
     def release_(self) -> None:
         self._X = self._H = None

@@ -23,16 +23,7 @@ from distbackprop.nn.hessian import (
     top_eigenvalue,
 )
 from distbackprop.nn.layers import make_activation
-
-LOSS_CASES = [("mse", 3), ("cross_entropy", 4), ("bce", 2)]
-
-
-def _targets(loss: str, n_out: int, rows: int, rng: np.random.Generator) -> np.ndarray:
-    if loss == "mse":
-        return rng.standard_normal((rows, n_out))
-    if loss == "cross_entropy":
-        return rng.integers(0, n_out, rows)
-    return rng.integers(0, 2, (rows, n_out)).astype(np.float64)
+from tests.nn.test_gradients import LOSS_CASES, _targets
 
 
 def _model(sizes, activation="tanh", seed=0) -> MLP:
