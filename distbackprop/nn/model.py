@@ -22,6 +22,29 @@ INITS = ("he", "xavier", "normal")
 MODEL_FORMAT = 1
 
 
+def loss_grad_buffer(holder: Any, y_hat: np.ndarray) -> np.ndarray:
+    """A (batch, n_out) view for ∂L/∂ŷ, kept on `holder._dy` and grown only when needed."""
+    buf = getattr(holder, "_dy", None)
+    if buf is None or buf.shape[0] < y_hat.shape[0] or buf.shape[1] != y_hat.shape[1]:
+        buf = np.empty((max(y_hat.shape[0], 1), y_hat.shape[1]), dtype=y_hat.dtype)
+        holder._dy = buf
+    return buf[: y_hat.shape[0]]
+
+
+def forward_loss_backward(net: Any, x: np.ndarray, y: np.ndarray, loss: str,
+                          denom: float | None, on_layer_done=None) -> float:
+    """ŷ = net.forward(x); L = Σ_rows ℓ(ŷ, y)/denom; net.backward(∂L/∂ŷ). Returns L.
+
+    denom defaults to the batch size (batch mean).
+    """
+    y_hat = net.forward(x)
+    d = float(denom if denom is not None else max(x.shape[0], 1))
+    dy = loss_grad_buffer(net, y_hat)
+    value = _loss_and_grad(loss, y_hat, y, d, dy)
+    net.backward(dy, on_layer_done=on_layer_done)
+    return value
+
+
 def init_params_(model: MLP, init: str, rng: np.random.Generator, scale: float = 1.0) -> None:
     """Fill weights in place from `rng`; biases are zero.
 
@@ -80,14 +103,7 @@ class Sequential(FlatModel):
         denom defaults to the batch size (batch mean); data-parallel workers pass
         the global batch size so a SUM-allreduce yields the global mean.
         """
-        y_hat = self.forward(x)
-        d = float(denom if denom is not None else max(x.shape[0], 1))
-        if self._dy is None or self._dy.shape[0] < y_hat.shape[0]:
-            self._dy = np.empty((max(y_hat.shape[0], 1), y_hat.shape[1]), dtype=self.dtype)
-        dy = self._dy[: y_hat.shape[0]]
-        value = _loss_and_grad(loss, y_hat, y, d, dy)
-        self.backward(dy, on_layer_done=on_layer_done)
-        return value
+        return forward_loss_backward(self, x, y, loss, denom, on_layer_done)
 
     def activation_bytes(self) -> int:
         """Exact bytes of the arrays currently cached for backward (0 after backward)."""

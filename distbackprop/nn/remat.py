@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .layers import Activation, Dense
-from .losses import loss_and_grad as _loss_and_grad
+from .model import forward_loss_backward
 
 
 class CheckpointedMLP:
@@ -203,14 +203,7 @@ class CheckpointedMLP:
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, loss: str = "cross_entropy",
                       denom: float | None = None, on_layer_done=None) -> float:
         """Forward, loss, backward (as `Sequential.loss_and_grad`): Σ_rows ℓ / denom."""
-        y_hat = self.forward(x)
-        d = float(denom if denom is not None else max(y_hat.shape[0], 1))
-        if self._dy is None or self._dy.shape[0] < y_hat.shape[0]:
-            self._dy = np.empty((max(y_hat.shape[0], 1), y_hat.shape[1]), dtype=self.dtype)
-        dy = self._dy[: y_hat.shape[0]]
-        value = _loss_and_grad(loss, y_hat, y, d, dy)
-        self.backward(dy, on_layer_done=on_layer_done)
-        return value
+        return forward_loss_backward(self, x, y, loss, denom, on_layer_done)
 
     def release_(self) -> None:
         """Drop the checkpoints without a backward."""

@@ -19,6 +19,8 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..nn import MLP
+from ..nn.losses import loss_and_grad
+from ..nn.model import loss_grad_buffer
 from ..optim import Optimizer, Schedule, clip_grad_norm_, make_optimizer
 
 PHASES = ("data", "forward", "backward", "allreduce", "update")
@@ -224,8 +226,7 @@ class Worker:
         self.peak_activation_bytes = max(self.peak_activation_bytes,
                                          self.net.activation_bytes())
         t[1] = time.perf_counter()
-        from ..nn.losses import loss_and_grad
-        dy = self._dy_buffer(y_hat)
+        dy = loss_grad_buffer(self, y_hat)
         local_loss = loss_and_grad(self.loss, y_hat, y, float(global_count), dy)
         self.net.backward(dy, on_layer_done=hook)
         if self.faults_on:
@@ -252,12 +253,6 @@ class Worker:
         return top_eigenvalue(self.model, x, y, self.loss, iters=20,
                               rng=np.random.default_rng([self.config.seed, step]),
                               denom=float(global_count), comm=self.comm)
-
-    def _dy_buffer(self, y_hat: np.ndarray) -> np.ndarray:
-        buf = getattr(self, "_dy", None)
-        if buf is None or buf.shape[0] < y_hat.shape[0] or buf.shape[1] != y_hat.shape[1]:
-            buf = self._dy = np.empty((max(y_hat.shape[0], 1), y_hat.shape[1]), y_hat.dtype)
-        return buf[: y_hat.shape[0]]
 
     def health_and_decide(self) -> tuple[float, float, int, bool]:
         """Per-layer norms of the reduced gradient, then the collective skip decision.

@@ -143,8 +143,7 @@ def test_image_builds_runs_as_non_root_and_trains(containers, base_image, tmp_pa
         cfg = info["Config"]
         assert cfg["Entrypoint"] == ["distbackprop"]
         assert cfg["User"] == "10001:10001"
-        health = info.get("HealthCheck") or cfg.get("Healthcheck") or {}
-        assert health.get("Test", [None])[0] == "CMD", sorted(info)
+        assert info["Healthcheck"]["Test"][0] == "CMD"  # kept: built with --format docker
         size_mb = info["Size"] / 1e6
 
         # The CA bundle was a build secret: in no layer, no history, no env.
