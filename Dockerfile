@@ -27,12 +27,15 @@ COPY pyproject.toml README.md /src/
 COPY distbackprop /src/distbackprop
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
-    && /opt/distbackprop/bin/pip install --no-compile /src \
+    && /opt/distbackprop/bin/pip install /src \
     && /opt/distbackprop/bin/distbackprop --help > /dev/null
 
 FROM ${BASE}
+# runs/ exists in the image so that a volume mounted there (deploy/docker-compose.yml)
+# starts out owned by the runtime user.
 RUN useradd --no-log-init --uid 10001 --user-group --create-home \
-        --home-dir /home/distbackprop --shell /usr/sbin/nologin distbackprop
+        --home-dir /home/distbackprop --shell /usr/sbin/nologin distbackprop \
+    && install -d -o 10001 -g 10001 /home/distbackprop/runs
 COPY --from=build /opt/distbackprop /opt/distbackprop
 ENV PATH=/opt/distbackprop/bin:${PATH} \
     PYTHONUNBUFFERED=1 \

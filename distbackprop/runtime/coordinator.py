@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from .group import WorkerFailure, WorkerGroup
-from .worker import PHASES, StatsBuffer, build_optimizer, build_schedule
+from .worker import PHASES, StatsBuffer, build_optimizer, build_schedule, optimizer_part, pack_state
 
 
 class State(enum.Enum):
@@ -105,9 +105,8 @@ class Coordinator:
             self.group.start()
         finally:
             self.worker_pids += list(getattr(self.group, "pids", []))
-        if self.commit.step > 0 or self.commit.state.get("_restored") is not None:
-            self.group.load_state({k: v for k, v in self.commit.state.items()
-                                   if not k.startswith("_")})
+        if self.commit.step > 0:  # at step 0 a new group's seeded init is the commit
+            self.group.load_state(self.commit.state)
 
     def _chunk_size(self, step: int) -> int:
         c = self.config
@@ -273,9 +272,7 @@ class _MasterOptimizer:
         self.schedule = build_schedule(config, total_steps)
 
     def load(self, state: dict[str, np.ndarray]) -> None:
-        opt = {k[4:]: v for k, v in state.items() if k.startswith("opt/")}
-        if opt:
-            self.optimizer.load_state_(opt)
+        self.optimizer.load_state_(optimizer_part(state))
 
     def step(self, params: np.ndarray, grads: np.ndarray, step: int, gnorm: float) -> float:
         from ..optim import clip_grad_norm_
@@ -285,9 +282,7 @@ class _MasterOptimizer:
         return lr
 
     def state_with(self, params: np.ndarray) -> dict[str, np.ndarray]:
-        out = {"params": params.copy()}
-        out.update({f"opt/{k}": v.copy() for k, v in self.optimizer.state.items()})
-        return out
+        return pack_state(params, self.optimizer)
 
 
 def _check_replicas(results: list[dict[str, Any]]) -> None:
@@ -311,10 +306,7 @@ def initial_commit(config: TrainConfig, n_in: int, n_out: int) -> Commit:
     """Step 0: the seeded initial parameters and a zero optimizer state."""
     from .worker import build_model
     model = build_model(config, n_in, n_out)
-    opt = build_optimizer(config, model)
-    state = {"params": model.params.copy()}
-    state.update({f"opt/{k}": v.copy() for k, v in opt.state.items()})
-    return Commit(0, state)
+    return Commit(0, pack_state(model.params, build_optimizer(config, model)))
 
 
 def summarize_losses(losses: list[np.ndarray], last: int) -> float:

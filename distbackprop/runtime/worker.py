@@ -113,6 +113,18 @@ def build_schedule(config: TrainConfig, total_steps: int) -> Schedule:
                     config.lr_step_size, config.lr_gamma)
 
 
+def pack_state(params: np.ndarray, optimizer: Optimizer) -> dict[str, np.ndarray]:
+    """Copies of {"params", "opt/<name>": …}: what commits and checkpoints hold."""
+    out = {"params": params.copy()}
+    out.update({f"opt/{k}": v.copy() for k, v in optimizer.state.items()})
+    return out
+
+
+def optimizer_part(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The optimizer's arrays of a packed state, under their own names."""
+    return {k[4:]: v for k, v in state.items() if k.startswith("opt/")}
+
+
 class StatsBuffer:
     """Preallocated per-step statistics for one chunk (names as in the team brief)."""
 
@@ -188,13 +200,11 @@ class Worker:
 
     def state(self) -> dict[str, np.ndarray]:
         """Params and optimizer state (copies): what a commit or checkpoint stores."""
-        out = {"params": self.model.params.copy()}
-        out.update({f"opt/{k}": v.copy() for k, v in self.optimizer.state.items()})
-        return out
+        return pack_state(self.model.params, self.optimizer)
 
     def load_state_(self, state: dict[str, np.ndarray]) -> None:
         self.model.params[...] = state["params"]
-        self.optimizer.load_state_({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
+        self.optimizer.load_state_(optimizer_part(state))
 
     def set_params_(self, params: np.ndarray) -> None:
         self.model.params[...] = params

@@ -154,8 +154,10 @@ def test_image_builds_runs_as_non_root_and_trains(containers, base_image, tmp_pa
                                "--no-healthcheck", "--entrypoint", "python", tag, "-c",
                                "import os, pathlib; print(os.getuid(), "
                                "pathlib.Path('/run/secrets/pip_cert').exists(), "
-                               "pathlib.Path('/src').exists())")
-        assert probe.stdout.split() == ["10001", "False", "False"]
+                               "pathlib.Path('/src').exists(), "
+                               "os.stat('/home/distbackprop/runs').st_uid)")
+        # runs/ belongs to the runtime user, so a volume mounted there is writable.
+        assert probe.stdout.split() == ["10001", "False", "False", "10001"]
 
         # Train inside the container; the run directory comes out through a volume.
         out = tmp_path / "out"

@@ -96,7 +96,7 @@ def ray_head(tmp_path):
             if time.monotonic() > deadline:
                 pytest.fail("the Ray head's job API did not come up in 120 s")
             time.sleep(1)
-        yield url, token
+        yield url, token, ports["port"]
     finally:
         stop_session(head)
         log.close()
@@ -114,7 +114,7 @@ def _submit_cmd(url: str, workdir: Path, out: Path, metrics_port: int) -> list[s
 
 
 def test_job_submit_trains_with_token_and_is_refused_without(ray_head, tmp_path):
-    url, token = ray_head
+    url, token, gcs_port = ray_head
     started = time.monotonic()
     # The working dir travels to the cluster; the entrypoint runs inside it, so
     # the config file is found by its relative name.
@@ -178,4 +178,10 @@ def test_job_submit_trains_with_token_and_is_refused_without(ray_head, tmp_path)
     jobs = json.loads(body)
     assert status == 200 and [j["status"] for j in jobs] == ["SUCCEEDED"]
     assert jobs[0]["runtime_env"]["env_vars"]["DISTBACKPROP_TEST_MARK"] == "ray-job"
+
+    # `ray health-check` (the compose file's healthcheck) passes only with the token.
+    check = [tool("ray"), "health-check", "--address", f"127.0.0.1:{gcs_port}"]
+    assert run(check, env=env, timeout=60, check=False).returncode == 0
+    wrong = _client_env(nohome, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+    assert run(check, env=wrong, timeout=60, check=False).returncode != 0
     print(f"ray job submit test: {time.monotonic() - started:.1f} s after the head was up")

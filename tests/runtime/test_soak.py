@@ -16,5 +16,7 @@ def test_short_soak_is_flat(ray_cluster, tmp_path, mode):
     for r in rows:
         assert r["steps"] == 3000
         assert r["rss_growth"] < 0.05, r
-        assert r["fds_drift"] == 0, r
-        assert r["threads_drift"] == 0, r
+        # a leak per chunk would grow by ~the number of chunks (here 60)
+        assert r["samples"] >= 50, r
+        assert r["fds_drift"] <= 2, r
+        assert r["threads_drift"] <= 2, r
