@@ -160,8 +160,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame) -> None:
+    # `ray job stop`, `docker stop` and systemd send SIGTERM: wind down like Ctrl-C, so the
+    # workers are killed, Ray is shut down and the metrics server stops.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
+    import signal
+    import threading
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args, started)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need from nothing, then run the whole suite.
 #   Debian packages (as root, when missing): prometheus (+ promtool), buildah, podman,
-#   debootstrap, openssh-server; a virtual environment .venv made from the system
+#   debootstrap, openssh-server, rsync (the Ray cluster launcher's file sync); a
+#   virtual environment .venv made from the system
 #   Python with the package and its test extras; then pytest over tests/.
 # With CI=true a test that would skip for a missing tool fails instead.
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for pair in prometheus:prometheus promtool:prometheus buildah:buildah podman:podman \
-            debootstrap:debootstrap sshd:openssh-server runc:runc; do
+            debootstrap:debootstrap sshd:openssh-server runc:runc rsync:rsync; do
   tool=${pair%%:*}; pkg=${pair##*:}
   if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
     need_apt+=("$pkg")
@@ -32,5 +33,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
-.venv/bin/ruff check distbackprop tests deploy
-exec .venv/bin/python -m pytest tests "$@"
+# The venv's console scripts (ray, mpiexec from the mpich wheel, hadolint) come first.
+export PATH="$PWD/.venv/bin:$PATH"
+ruff check distbackprop tests deploy examples
+exec python -m pytest tests "$@"

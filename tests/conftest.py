@@ -17,8 +17,10 @@ RAY_TEST_CPUS = 6
 
 
 def require_tool(name: str) -> str:
-    """Path of executable `name`; skip without it, but fail under CI=true."""
-    path = shutil.which(name)
+    """Path of executable `name` (next to this Python first, then PATH); skip without it,
+    but fail under CI=true."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    path = here if os.access(here, os.X_OK) else shutil.which(name)
     if path is None:
         msg = f"{name} is not installed"
         if IN_CI:

@@ -147,9 +147,11 @@ def test_services_agree_on_ports(compose):
 def test_grafana_datasource_matches_the_dashboard(compose):
     ds = yaml.safe_load(compose["configs"]["grafana_datasource"]["content"])["datasources"][0]
     assert ds["url"] == "http://prometheus:9090"
-    dashboard = json.loads(next((DEPLOY / "grafana/dashboards").glob("*.json")).read_text())
-    uids = set(re.findall(r'"uid":\s*"([^"]+)"', json.dumps(dashboard)))
-    assert ds["uid"] in uids
+    for path in (DEPLOY / "grafana/dashboards").glob("*.json"):
+        refs = re.findall(r'"datasource":\s*\{[^{}]*"uid":\s*"([^"]+)"',
+                          json.dumps(json.loads(path.read_text())))
+        prometheus_refs = {uid for uid in refs if not uid.startswith("-- ")}
+        assert prometheus_refs == {ds["uid"]}, path.name
     local = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
                            .read_text())["datasources"][0]
     assert ds["uid"] == local["uid"] and ds["type"] == local["type"]

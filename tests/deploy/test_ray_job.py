@@ -78,7 +78,7 @@ def ray_head(tmp_path):
            "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     for flag, port in ports.items():
         cmd += [f"--{flag}", str(port)]
-    log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115 - closed in the finally below
+    log = open(tmp_path / "ray-head.log", "w")  # closed in the finally below
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
