@@ -41,10 +41,24 @@ class TrainingFailed(RuntimeError):
 
 @dataclass
 class Commit:
-    """The last consistent training state: after `step` steps."""
+    """The last consistent training state: after `step` steps.
+
+    `state` is a dict of arrays, or — in the Ray runtime — a reference to that
+    dict in Ray's object store, owned by the coordinator (so it outlives the
+    worker that produced it) and fetched only when needed: a checkpoint, a
+    recovery, the end of the run. Shipping 3× the model each chunk through the
+    driver cost ~1.5 ms per step on the reference MLP; a reference costs nothing.
+    """
 
     step: int
-    state: dict[str, np.ndarray]
+    state: Any
+
+    def resolved(self) -> dict[str, np.ndarray]:
+        """The state as arrays (fetched once from the object store if need be)."""
+        if not isinstance(self.state, dict):
+            import ray
+            self.state = ray.get(self.state)
+        return self.state
 
 
 @dataclass
@@ -92,11 +106,11 @@ class Coordinator:
         # `--update-on coordinator`: the master copy and its optimizer live here.
         self.master: np.ndarray | None = None
         if config.update_on == "coordinator" and not config.local:
-            self.master = commit.state["params"].copy()
+            self.master = commit.resolved()["params"].copy()
             self._opt = _MasterOptimizer(config, n_params or self.master.size, param_dtype,
                                          layer_slices or [slice(0, self.master.size)],
                                          total_steps)
-            self._opt.load(commit.state)
+            self._opt.load(commit.resolved())
 
     # ------------------------------------------------------------------------------
     def _start_group(self) -> None:
@@ -148,6 +162,7 @@ class Coordinator:
                     self._run_one_chunk()
                 except WorkerFailure as exc:
                     self._recover(exc)
+            self.commit.resolved()  # fetch the final state while Ray is still up
             self.state = State.FINISHED
             return self.commit
         except BaseException:
@@ -185,11 +200,10 @@ class Coordinator:
             stats, memory = self._coordinator_chunk(step, k)
             state = self._opt.state_with(self.master)
         else:
-            results = self.group.run_chunk(step, k, self._deadline(k), want_state=True)
+            results, state = self.group.run_chunk(step, k, self._deadline(k))
             _check_replicas(results)
             stats = results[0]["stats"]
             memory = {r["rank"]: r["memory"] for r in results}
-            state = results[0]["state"]
         self.stats.last_step_end = time.time()
         n = len(stats["step"])
         if n:

@@ -46,7 +46,10 @@ class WorkerGroup(Protocol):
     size: int
 
     def start(self) -> None: ...
-    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]: ...
+    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], Any]:
+        """Per-rank results of steps [start, start+k), and the state after them (a dict
+        of arrays or a handle `Commit.resolved` can fetch)."""
+        ...
     def grad_step(self, step: int, params: np.ndarray | None,
                   deadline: float) -> dict[str, Any]: ...
     def load_state(self, state: dict[str, np.ndarray]) -> None: ...
@@ -67,12 +70,10 @@ class LocalGroup:
         self.worker = Worker(s.config, 0, 1, self.x, self.y, s.n_out, s.loss, s.total_steps,
                              faults=Faults.from_env(), stream=s.stream, n_in=s.n_in)
 
-    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]:
+    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], Any]:
         res = self.worker.run_chunk(start, k)
         res["checksum"] = self.worker.checksum()
-        if want_state:
-            res["state"] = self.worker.state()
-        return [res]
+        return [res], self.worker.state()
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
         return grad_step(self.worker, step, params)
@@ -144,12 +145,18 @@ class _ActorBody:
         self.worker.set_comm(comm)
         return comm.size
 
-    def run_chunk(self, start: int, k: int, want_state: bool) -> dict:
+    def run_chunk(self, start: int, k: int) -> tuple[dict, dict | None]:
+        """(statistics, rank 0's state). Called with num_returns=2: the state becomes its
+        own object, owned by the coordinator, and is serialized without a copy here
+        first (the actor does nothing else until the return value is stored)."""
         res = self.worker.run_chunk(start, k)
         res["checksum"] = self.worker.checksum()
-        if want_state and self.rank == 0:
-            res["state"] = self.worker.state()
-        return res
+        if self.rank != 0:
+            return res, None
+        w = self.worker
+        state = {"params": w.model.params}
+        state.update({f"opt/{k}": v for k, v in w.optimizer.state.items()})
+        return res, state
 
     def grad_step(self, step: int, params) -> dict:
         return grad_step(self.worker, step, params)
@@ -240,9 +247,11 @@ class RayGroup:
                                     f"{exc.cause!r}", [index[r]]) from None
         return [results[i] for i in sorted(results)]
 
-    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]:
-        return self._gather([a.run_chunk.remote(start, k, want_state) for a in self.actors],
-                            deadline, f"finish steps {start}..{start + k - 1}")
+    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], Any]:
+        pairs = [a.run_chunk.options(num_returns=2).remote(start, k) for a in self.actors]
+        results = self._gather([p[0] for p in pairs], deadline,
+                               f"finish steps {start}..{start + k - 1}")
+        return results, pairs[0][1]
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
         import ray
@@ -253,9 +262,10 @@ class RayGroup:
         out["memory_all"] = {r["rank"]: r["memory"] for r in res}
         return out
 
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
+    def load_state(self, state) -> None:
+        """`state`: a dict of arrays, or an object-store reference to one."""
         import ray
-        ref = ray.put(state)
+        ref = ray.put(state) if isinstance(state, dict) else state
         self._gather([a.load_state.remote(ref) for a in self.actors], 120, "load state")
 
     def shutdown(self, graceful: bool = False) -> None:

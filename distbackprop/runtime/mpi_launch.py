@@ -34,7 +34,7 @@ class MpiRootGroup:
     def start(self) -> None:
         pass
 
-    def run_chunk(self, start: int, k: int, deadline: float, want_state: bool) -> list[dict]:
+    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], dict]:
         self._send(CMD_CHUNK, start, k)
         res = self.worker.run_chunk(start, k)
         table = _gather_table(self.worker, self.comm)
@@ -45,9 +45,7 @@ class MpiRootGroup:
                         "memory": {"rss_bytes": int(table[r, 2]),
                                    "peak_rss_bytes": int(table[r, 1]),
                                    "activation_bytes": int(table[r, 3])}})
-        if want_state:
-            res["state"] = self.worker.state()
-        return out
+        return out, self.worker.state()
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
         self._send(CMD_GRAD, step, int(params is not None))

@@ -150,7 +150,8 @@ class Trainer:
                                   "or --metrics-port 0 to turn metrics off") from None
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_yaml(run_dir / "config.yaml", cfg)
-            opt_bytes = sum(v.nbytes for k, v in commit.state.items() if k.startswith("opt/"))
+            opt_bytes = sum(v.nbytes for k, v in commit.resolved().items()
+                            if k.startswith("opt/"))
             exporter.set_model_bytes(model_bytes(probe.params, probe.grads, {
                 "opt": np.zeros(opt_bytes, np.uint8)}))
             exporter.set_workers(cfg.world_size)
@@ -180,7 +181,7 @@ class Trainer:
                     meta = {"step": c.step, "epoch": c.step // spe, "position": c.step % spe,
                             "config": cfg.to_dict(), "restarts": state["restarts"],
                             "data_order": {"seed": cfg.seed, "steps_per_epoch": spe}}
-                    last_ckpt[0] = save_checkpoint(run_dir, c.step, c.state, meta,
+                    last_ckpt[0] = save_checkpoint(run_dir, c.step, c.resolved(), meta,
                                                    keep=cfg.keep_checkpoints)
 
             def on_restart(why: str):
@@ -231,7 +232,7 @@ class Trainer:
         startup = (coordinator.stats.first_step_start or time.time()) - self.started
 
         model = build_model(cfg, bundle.n_features, n_out)
-        model.params[...] = final.state["params"]
+        model.params[...] = final.resolved()["params"]
         summary = _summary(cfg, bundle, loss, model, coordinator, spe, total, startup,
                            self.started, state["restarts"])
         meta = bundle.model_meta()
