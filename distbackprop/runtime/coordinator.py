@@ -80,6 +80,14 @@ class RunStats:
     skipped: int = 0
     recovery_seconds: list[float] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)  # when detected, why, which ranks
+    # per chunk: (steps, wall seconds from dispatch to results, Σ step_seconds)
+    chunks: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def coordination_seconds_per_step(self) -> float | None:
+        """Median over chunks (the first, a warm-up, left out) of (wall − Σ step time)/steps:
+        what dispatch, checksums, the state commit and metrics add to each step."""
+        per = [(w - s) / n for n, w, s in self.chunks[1:] if n]
+        return float(np.median(per)) if per else None
     losses: list[np.ndarray] = field(default_factory=list)
 
 
@@ -206,6 +214,8 @@ class Coordinator:
             memory = {r["rank"]: r["memory"] for r in results}
         self.stats.last_step_end = time.time()
         n = len(stats["step"])
+        self.stats.chunks.append((n, self.stats.last_step_end - t0,
+                                  float(stats["step_seconds"].sum())))
         if n:
             self._step_estimate = float(np.median(stats["step_seconds"]))
         self.stats.samples += int(stats["samples"].sum())

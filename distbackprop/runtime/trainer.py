@@ -284,6 +284,7 @@ def _summary(cfg, bundle, loss, model, coordinator, spe, total, startup, started
         "recovery_seconds": st.recovery_seconds,
         "failures": st.failures,
         "skipped_steps": st.skipped,
+        "coordination_seconds_per_step": st.coordination_seconds_per_step(),
         "loss": loss,
         "task": bundle.task,
     }
