@@ -282,6 +282,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
 
     from .data import load_training_data
     from .nn import LOSSES, MLP, gradcheck
+    from .runtime.trainer import output_size
     values = {k: getattr(args, k) for k in TrainConfig.field_names() if k in vars(args)}
     cfg = TrainConfig.from_dict({**values, "dtype": "float64", "val_fraction": 0.0}).validate()
     bundle = load_training_data(cfg)
@@ -294,7 +295,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
     ok = True
     print(f"{'loss':<14} {'parameter':<12} {'shape':<12} {'rel. error':>11}")
     for loss in losses:
-        n_out = 1 if loss == "bce" and bundle.task == "classification" else bundle.n_outputs
+        n_out = output_size(loss, bundle.task, bundle.n_outputs)
         model = MLP([x.shape[1], *cfg.hidden, n_out], activation=cfg.activation,
                     dtype=np.float64, seed=cfg.seed, init=cfg.resolved_init)
         res = gradcheck(model, x, y, loss)

@@ -50,8 +50,13 @@ class Result:
     worker_pids: tuple[int, ...] = ()
 
 
-def default_loss(task: str, n_classes: int | None) -> str:
+def default_loss(task: str) -> str:
     return "cross_entropy" if task == "classification" else "mse"
+
+
+def output_size(loss: str, task: str, n_outputs: int) -> int:
+    """Network outputs for `loss`: one logit for binary classification with bce."""
+    return 1 if loss == "bce" and task == "classification" else n_outputs
 
 
 class Trainer:
@@ -70,7 +75,7 @@ class Trainer:
         if cfg.resume:
             cfg, resume_meta = _resume_config(cfg)
         bundle = load_training_data(cfg)
-        loss = cfg.loss or default_loss(bundle.task, bundle.n_outputs)
+        loss = cfg.loss or default_loss(bundle.task)
         problems = []
         if loss == "cross_entropy" and bundle.task != "classification":
             problems.append("loss: cross_entropy needs a classification target "
@@ -78,13 +83,9 @@ class Trainer:
         if loss == "mse" and bundle.task == "classification":
             problems.append("loss: mse needs a regression target; use --task regression "
                             "or --loss cross_entropy")
-        n_out = bundle.n_outputs
-        if loss == "bce":
-            if bundle.task == "classification":
-                if bundle.n_outputs != 2:
-                    problems.append(f"loss: bce needs 2 classes, the target has "
-                                    f"{bundle.n_outputs}")
-                n_out = 1
+        if loss == "bce" and bundle.task == "classification" and bundle.n_outputs != 2:
+            problems.append(f"loss: bce needs 2 classes, the target has {bundle.n_outputs}")
+        n_out = output_size(loss, bundle.task, bundle.n_outputs)
         if cfg.launcher == "mpi" and cfg.local:
             problems.append("launcher: mpi cannot be combined with --local")
         if problems:
