@@ -222,7 +222,7 @@ class RayGroup:
     def _gather(self, refs: list, deadline: float, what: str) -> list:
         """ray.get with a deadline; the first actor death or the deadline → WorkerFailure."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayError, RayTaskError
 
         index = {r: i for i, r in enumerate(refs)}
         pending = list(refs)
@@ -245,6 +245,9 @@ class RayGroup:
             except RayTaskError as exc:
                 raise WorkerFailure(f"worker rank {index[r]} failed to {what}: "
                                     f"{exc.cause!r}", [index[r]]) from None
+            except RayError as exc:  # e.g. an argument (a commit) lost with its node
+                raise WorkerFailure(f"worker rank {index[r]} could not {what}: "
+                                    f"{type(exc).__name__}", [index[r]]) from None
         return [results[i] for i in sorted(results)]
 
     def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], Any]:
