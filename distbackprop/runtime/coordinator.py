@@ -24,7 +24,15 @@ import numpy as np
 
 from ..config import TrainConfig
 from .group import WorkerFailure, WorkerGroup
-from .worker import PHASES, StatsBuffer, build_optimizer, build_schedule, optimizer_part, pack_state
+from .worker import (
+    PHASES,
+    StatsBuffer,
+    build_optimizer,
+    build_schedule,
+    optimizer_part,
+    pack_state,
+    update_,
+)
 
 
 class State(enum.Enum):
@@ -95,9 +103,9 @@ class Coordinator:
     """Drives a `WorkerGroup` from `commit.step` to `total_steps`."""
 
     def __init__(self, config: TrainConfig, group_factory: Callable[[], WorkerGroup],
-                 total_steps: int, commit: Commit, hooks: CoordinatorHooks | None = None,
-                 layer_names: list[str] | None = None, n_params: int | None = None,
-                 param_dtype=np.float32, layer_slices: list[slice] | None = None):
+                 total_steps: int, commit: Commit, model, steps_per_epoch: int,
+                 hooks: CoordinatorHooks | None = None):
+        """`model`: an MLP of the run's architecture (layer names, the update rule's shapes)."""
         self.config = config
         self.group_factory = group_factory
         self.total_steps = total_steps
@@ -107,7 +115,8 @@ class Coordinator:
         self.stats = RunStats()
         self.group: WorkerGroup | None = None
         self.failures = 0
-        self.layer_names = layer_names or []
+        self.layer_names = model.layer_names
+        self.steps_per_epoch = steps_per_epoch
         self._step_estimate: float | None = None
         self._consecutive_skips = 0
         self.worker_pids: list[int] = []  # every worker process started, for leak checks
@@ -115,9 +124,7 @@ class Coordinator:
         self.master: np.ndarray | None = None
         if config.update_on == "coordinator" and not config.local:
             self.master = commit.resolved()["params"].copy()
-            self._opt = _MasterOptimizer(config, n_params or self.master.size, param_dtype,
-                                         layer_slices or [slice(0, self.master.size)],
-                                         total_steps)
+            self._opt = _MasterOptimizer(config, model, total_steps)
             self._opt.load(commit.resolved())
 
     # ------------------------------------------------------------------------------
@@ -275,35 +282,23 @@ class Coordinator:
                     r["skipped"] and self.config.on_nonfinite == "abort"):
                 break
         out = buf.trimmed(n)
-        out["epoch"][:] = out["step"] // max(self._steps_per_epoch, 1)
+        out["epoch"][:] = out["step"] // self.steps_per_epoch
         return out, memory
-
-    _steps_per_epoch = 1
-
-    def set_steps_per_epoch(self, spe: int) -> None:
-        self._steps_per_epoch = spe
 
 
 class _MasterOptimizer:
     """The coordinator's copy of the update rule for `--update-on coordinator`."""
 
-    def __init__(self, config: TrainConfig, size: int, dtype, segments: list[slice],
-                 total_steps: int):
-        from ..optim import make_optimizer
+    def __init__(self, config: TrainConfig, model, total_steps: int):
         self.config = config
-        self.optimizer = make_optimizer(config.optimizer, size, dtype, momentum=config.momentum,
-                                        weight_decay=config.weight_decay, segments=segments)
+        self.optimizer = build_optimizer(config, model)
         self.schedule = build_schedule(config, total_steps)
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         self.optimizer.load_state_(optimizer_part(state))
 
     def step(self, params: np.ndarray, grads: np.ndarray, step: int, gnorm: float) -> float:
-        from ..optim import clip_grad_norm_
-        lr = self.schedule(step)
-        clip_grad_norm_(grads, self.config.clip_norm, norm=gnorm)
-        self.optimizer.step_(params, grads, lr)
-        return lr
+        return update_(self.config, self.schedule, self.optimizer, params, grads, step, gnorm)
 
     def state_with(self, params: np.ndarray) -> dict[str, np.ndarray]:
         return pack_state(params, self.optimizer)

@@ -76,33 +76,13 @@ class LocalGroup:
         return [res], self.worker.state()
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
-        return grad_step(self.worker, step, params)
+        return self.worker.reduced_gradient(step, params)
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.worker.load_state_(state)
 
     def shutdown(self, graceful: bool = False) -> None:
         self.worker = None
-
-
-def grad_step(worker: Worker, step: int, params: np.ndarray | None) -> dict[str, Any]:
-    """`--update-on coordinator`: set params, compute the reduced gradient, return it (rank 0)."""
-    if params is not None:
-        worker.set_params_(params)
-    worker._t = t = np.zeros(4)
-    t0 = time.perf_counter()
-    _, samples = worker.compute_grad(step)
-    loss, gnorm, nonfinite, skip = worker.health_and_decide()
-    out: dict[str, Any] = {
-        "rank": worker.rank, "loss": loss, "samples": samples, "grad_global_norm": gnorm,
-        "grad_norm": worker._norms.copy(), "nonfinite": nonfinite, "skipped": skip,
-        "grad_max_abs": worker.max_abs,
-        "phase_seconds": np.array([t[0] - t0, t[1] - t[0], t[2] - t[1], t[3] - t[2], 0.0]),
-        "memory": worker.memory(),
-    }
-    if worker.rank == 0:
-        out["grads"] = worker.model.grads.copy()
-    return out
 
 
 def _limit_blas(cpus: int) -> None:
@@ -159,7 +139,7 @@ class _ActorBody:
         return res, state
 
     def grad_step(self, step: int, params) -> dict:
-        return grad_step(self.worker, step, params)
+        return self.worker.reduced_gradient(step, params)
 
     def load_state(self, state: dict) -> None:
         self.worker.load_state_(state)

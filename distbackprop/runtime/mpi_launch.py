@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from .group import grad_step
 from .worker import Faults, Worker
 
 CMD_STOP, CMD_CHUNK, CMD_GRAD, CMD_LOAD = 0, 1, 2, 3
@@ -52,7 +51,7 @@ class MpiRootGroup:
         if params is not None:
             self.worker.set_params_(params)
             self.comm.bcast_(self.worker.model.params, root=0)
-        return grad_step(self.worker, step, None)
+        return self.worker.reduced_gradient(step, None)
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self._send(CMD_LOAD)
@@ -95,7 +94,7 @@ def follow(worker: Worker, comm) -> None:
         elif op == CMD_GRAD:
             if b:
                 comm.bcast_(worker.model.params, root=0)
-            grad_step(worker, a, None)
+            worker.reduced_gradient(a, None)
         elif op == CMD_LOAD:
             for arr in _state_arrays(worker):
                 comm.bcast_(arr, root=0)

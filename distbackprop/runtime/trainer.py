@@ -206,12 +206,9 @@ class Trainer:
                     return RayGroup(spec, cfg.rendezvous_timeout)
 
             coordinator = Coordinator(
-                cfg, group_factory, total, commit,
+                cfg, group_factory, total, commit, probe, spe,
                 CoordinatorHooks(on_chunk=on_chunk, on_commit=on_commit, on_restart=on_restart,
-                                 progress=progress.update),
-                layer_names=layers, n_params=probe.params.size, param_dtype=probe.dtype,
-                layer_slices=list(probe.layer_slices().values()))
-            coordinator.set_steps_per_epoch(spe)
+                                 progress=progress.update))
             try:
                 final = coordinator.run()
             except TrainingFailed as exc:
@@ -234,8 +231,8 @@ class Trainer:
 
         model = build_model(cfg, bundle.n_features, n_out)
         model.params[...] = final.resolved()["params"]
-        summary = _summary(cfg, bundle, loss, model, coordinator, spe, total, startup,
-                           self.started, state["restarts"])
+        summary = _summary(cfg, bundle, loss, model, coordinator, spe, startup, self.started,
+                           state["restarts"])
         meta = bundle.model_meta()
         meta.update({"loss": loss, "config": cfg.to_dict()})
         model.save(run_dir / "model.npz", meta=meta)
@@ -267,7 +264,7 @@ def total_steps(cfg: TrainConfig, bundle) -> tuple[int, int]:
     return (cfg.max_steps if cfg.max_steps else cfg.epochs * spe), spe
 
 
-def _summary(cfg, bundle, loss, model, coordinator, spe, total, startup, started,
+def _summary(cfg, bundle, loss, model, coordinator, spe, startup, started,
              restarts) -> dict[str, Any]:
     from ..nn.losses import loss_value
     st = coordinator.stats

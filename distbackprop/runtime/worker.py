@@ -102,10 +102,21 @@ def build_model(config: TrainConfig, n_in: int, n_out: int) -> MLP:
 
 
 def build_optimizer(config: TrainConfig, model: MLP) -> Optimizer:
+    """The config's optimizer over `model`'s flat buffer, one segment per layer."""
     return make_optimizer(config.optimizer, model.params.size, model.dtype,
                           momentum=config.momentum, weight_decay=config.weight_decay,
                           segments=list(model.layer_slices().values()),
                           threads=config.cpus_per_worker)
+
+
+def update_(config: TrainConfig, schedule: Schedule, optimizer: Optimizer, params: np.ndarray,
+            grads: np.ndarray, step: int, gnorm: float) -> float:
+    """The update rule, wherever it runs: clip g to `clip_norm` (using the ‖g‖ already
+    computed), then θ ← optimizer(θ, g, lr(step)) in place. Returns lr."""
+    lr = schedule(step)
+    clip_grad_norm_(grads, config.clip_norm, norm=gnorm)
+    optimizer.step_(params, grads, lr)
+    return lr
 
 
 def build_schedule(config: TrainConfig, total_steps: int) -> Schedule:
@@ -178,6 +189,7 @@ class Worker:
         self.max_abs = 0.0
         self._norms = np.zeros(len(self._slices))
         self._ctrl = np.zeros(2, dtype=np.float64)
+        self._t = np.zeros(4)  # phase boundaries of the current step (perf_counter)
         self._bucketer = None
         self._make_bucketer()
         self.peak_activation_bytes = 0
@@ -282,16 +294,29 @@ class Worker:
         self.comm.allreduce_(self._ctrl)
         return float(self._ctrl[0]), gnorm, nonfinite, bool(self._ctrl[1] > 0)
 
-    def apply_update(self, step: int, gnorm: float) -> float:
-        """Clip to `clip_norm` (with the ‖g‖ already computed), then step. Returns lr."""
-        lr = self.schedule(step)
-        clip_grad_norm_(self.model.grads, self.config.clip_norm, norm=gnorm)
-        self.optimizer.step_(self.model.params, self.model.grads, lr)
-        return lr
+    def reduced_gradient(self, step: int, params: np.ndarray | None) -> dict[str, Any]:
+        """`--update-on coordinator`: set `params`, compute the reduced gradient for `step`
+        and its health; rank 0 returns a copy of the gradient for the coordinator's update."""
+        if params is not None:
+            self.set_params_(params)
+        t = self._t
+        t0 = time.perf_counter()
+        _, samples = self.compute_grad(step)
+        loss, gnorm, nonfinite, skip = self.health_and_decide()
+        out: dict[str, Any] = {
+            "rank": self.rank, "loss": loss, "samples": samples, "grad_global_norm": gnorm,
+            "grad_norm": self._norms.copy(), "nonfinite": nonfinite, "skipped": skip,
+            "grad_max_abs": self.max_abs,
+            "phase_seconds": np.array([t[0] - t0, t[1] - t[0], t[2] - t[1], t[3] - t[2], 0.0]),
+            "memory": self.memory(),
+        }
+        if self.rank == 0:
+            out["grads"] = self.model.grads.copy()
+        return out
 
-    def run_chunk(self, start: int, k: int, update: bool = True) -> dict[str, Any]:
+    def run_chunk(self, start: int, k: int) -> dict[str, Any]:
         """Run global steps [start, start + k). Returns per-step stats and this worker's memory."""
-        self._t = t = np.zeros(4)
+        t = self._t
         buf = StatsBuffer(k, len(self._slices))
         a = buf.a
         n = 0
@@ -304,15 +329,15 @@ class Worker:
             loss, gnorm, nonfinite, skip = self.health_and_decide()
             a["grad_norm"][i] = self._norms
             a["grad_max_abs"][i] = self.max_abs
-            lr = self.schedule(step)
             if skip:
+                lr = self.schedule(step)
                 self.consecutive_skips += 1
                 a["update_ratio"][i] = 0.0
             else:
                 self.consecutive_skips = 0
-                if update:
-                    lr = self.apply_update(step, gnorm)
-                    a["update_ratio"][i] = self.optimizer.update_ratios()
+                lr = update_(self.config, self.schedule, self.optimizer, self.model.params,
+                             self.model.grads, step, gnorm)
+                a["update_ratio"][i] = self.optimizer.update_ratios()
             t_end = time.perf_counter()
             a["step"][i], a["epoch"][i] = step, step // self.steps_per_epoch
             a["loss"][i], a["samples"][i], a["lr"][i] = loss, samples, lr
