@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import ConfigError
+from .errors import ConfigError
 from .metrics.health import PHASES
 
 DEFAULT_VANISH = 1e-7

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distbackprop.config import ConfigError
+from distbackprop.errors import ConfigError
 
 
 class DataError(ConfigError):

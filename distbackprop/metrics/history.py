@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .health import PHASES
 
 _SCALARS: tuple[tuple[str, type], ...] = (
