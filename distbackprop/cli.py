@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig, read_yaml_mapping
+from .errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -85,18 +86,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     problems: list[str] = []
     if getattr(args, "config", None):
-        import yaml
         path = Path(args.config)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config: file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of keys to values")
+        loaded = read_yaml_mapping(path)
         known = set(TrainConfig.field_names())
-        for k, v in (loaded or {}).items():
+        for k, v in loaded.items():
             key = str(k).replace("-", "_")
             if key not in known:
                 problems.append(f"{path}: unknown key {k!r}")
@@ -160,10 +153,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (where the trainer's graceful stop is not installed)."""
+
+
 def _terminate(signum, frame) -> None:
-    # `ray job stop`, `docker stop` and systemd send SIGTERM: wind down like Ctrl-C, so the
-    # workers are killed, Ray is shut down and the metrics server stops.
-    raise KeyboardInterrupt
+    # `ray job stop`, `docker stop` and systemd send SIGTERM: wind down like Ctrl-C, so
+    # whatever was started is stopped by the finally-blocks on the way out.
+    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"distbackprop: error: {problem}", file=sys.stderr)
         return EXIT_INVALID
+    except _Terminated:
+        print("distbackprop: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("distbackprop: interrupted", file=sys.stderr)
         return 130
@@ -221,12 +221,21 @@ def _train(args: argparse.Namespace, started: float) -> int:
     from .runtime.trainer import Trainer
     cfg = build_config(args)
     try:
-        result = Trainer(cfg, started=started).fit()
+        if cfg.launcher == "mpi":
+            from .runtime.mpi_launch import run_mpi
+            result = run_mpi(cfg, started)
+        else:
+            result = Trainer(cfg, started=started).fit()
     except TrainingFailed as exc:
         print(f"distbackprop: training failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if result is None:  # a non-root rank under mpiexec
         return EXIT_OK
+    if result.status == "interrupted":
+        print(f"distbackprop: stopped at step {result.summary['steps']}; everything is saved "
+              f"in {result.run_dir} (continue with --resume {result.run_dir})",
+              file=sys.stderr)
+        return result.exit_status
     if not cfg.quiet:
         s = result.summary
         parts = [f"steps {s['steps']}", f"train_loss {s['train_loss']:.4f}"]

@@ -25,7 +25,7 @@ TASKS = ("classification", "regression")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The whole training configuration (see CONTRACT.md for the flag table)."""
+    """The whole training configuration (the README lists every flag)."""
 
     # data
     data: str | None = None
@@ -61,7 +61,7 @@ class TrainConfig:
     seed: int = 0
     # execution
     local: bool = False
-    workers: int = 2
+    workers: int | str = 2  # N, or "MIN:MAX" for an elastic group
     cpus_per_worker: int = 1
     ray_address: str | None = None
     placement: str = "pack"
@@ -137,6 +137,13 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field; raise one `ConfigError` listing all problems."""
+        p = self._value_problems() + self._relation_problems()
+        if p:
+            raise ConfigError(p)
+        return self
+
+    def _value_problems(self) -> list[str]:
+        """Each field on its own: a known choice, a number in its range."""
         p: list[str] = []
 
         def choice(name: str, allowed: tuple[str, ...], optional: bool = False) -> None:
@@ -172,7 +179,12 @@ class TrainConfig:
         positive("clip_norm", optional=True)
         positive("chunk_steps", optional=True)
         positive("checkpoint_every", optional=True)
-        positive("workers")
+        try:
+            lo, hi = _worker_range(self.workers)
+            if lo < 1 or hi < lo:
+                p.append(f"workers: need 1 <= MIN <= MAX, got {self.workers!r}")
+        except ValueError as exc:
+            p.append(f"workers: {exc}")
         positive("cpus_per_worker")
         positive("keep_checkpoints")
         positive("rendezvous_timeout")
@@ -187,6 +199,11 @@ class TrainConfig:
         positive("warmup_steps", strict=False)
         positive("max_failures", strict=False)
         positive("metrics_linger", strict=False)
+        return p
+
+    def _relation_problems(self) -> list[str]:
+        """Ranges that are not plain signs, and fields that must agree with each other."""
+        p: list[str] = []
         if not 0.0 <= self.momentum < 1.0:
             p.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if not 0.0 < self.lr_gamma <= 1.0:
@@ -206,11 +223,11 @@ class TrainConfig:
             p.append(f"val_data: file not found: {self.val_data}")
         if self.val_data is not None and self.val_fraction is not None:
             p.append("val_fraction: cannot be combined with val_data (choose one)")
-        if self.resume is not None and not Path(self.resume).is_dir():
+        if self.resume == "auto" and self.out is None:
+            p.append("resume: 'auto' continues the run in --out DIR; give --out")
+        elif self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             p.append(f"resume: not a run directory: {self.resume}")
-        if p:
-            raise ConfigError(p)
-        return self
+        return p
 
     # derived defaults ------------------------------------------------------
     @property
@@ -220,8 +237,50 @@ class TrainConfig:
         return "he" if self.activation in ("relu", "leaky_relu", "gelu", "softplus") else "xavier"
 
     @property
+    def min_workers(self) -> int:
+        return 1 if self.local else _worker_range(self.workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return 1 if self.local else _worker_range(self.workers)[1]
+
+    @property
     def world_size(self) -> int:
-        return 1 if self.local else self.workers
+        """The group size asked for (the most workers an elastic run uses)."""
+        return self.max_workers
+
+    def to_yaml(self) -> str:
+        """The configuration as YAML, re-loadable with `--config`."""
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; `ConfigError` names the file otherwise."""
+    import yaml
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: must hold a mapping of keys to values")
+    return loaded
+
+
+def _worker_range(v: int | str) -> tuple[int, int]:
+    """`N` → (N, N); `"MIN:MAX"` → (MIN, MAX)."""
+    if isinstance(v, int):
+        return v, v
+    lo, sep, hi = str(v).partition(":")
+    try:
+        return (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise ValueError(f"expected N or MIN:MAX, got {v!r}") from None
 
 
 def _coerce(f: dataclasses.Field, v: Any) -> Any:
@@ -237,6 +296,9 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
         if isinstance(v, int):
             v = [v]
         return tuple(int(x) for x in v)
+    if f.name == "workers":
+        lo, hi = _worker_range(v if isinstance(v, int) and not isinstance(v, bool) else str(v))
+        return lo if lo == hi else f"{lo}:{hi}"
     if f.name in ("features",):
         if isinstance(v, str):
             v = [s.strip() for s in v.split(",") if s.strip()]
@@ -269,4 +331,4 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
 
 
 DEFAULT = TrainConfig()
-__all__ = ["TrainConfig", "ConfigError", "DEFAULT"]
+__all__ = ["TrainConfig", "ConfigError", "DEFAULT", "read_yaml_mapping"]

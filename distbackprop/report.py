@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from .config import read_yaml_mapping
 from .errors import ConfigError
 from .metrics.health import PHASES
 
@@ -35,12 +35,7 @@ def _thresholds(run_dir: Path) -> tuple[float, float]:
     path = run_dir / "config.yaml"
     if not path.exists():
         return DEFAULT_VANISH, DEFAULT_EXPLODE
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a mapping of configuration keys")
+    cfg = read_yaml_mapping(path)
     out = []
     for key, default in (("vanish_threshold", DEFAULT_VANISH),
                          ("explode_threshold", DEFAULT_EXPLODE)):
@@ -126,7 +121,26 @@ def make_report(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    # --- loss
+    _plot_loss(plt, save, steps, cols)
+    layers = _layers(cols, "grad_norm/")
+    if layers:
+        norms = np.stack([np.asarray(cols[f"grad_norm/{x}"], dtype=np.float64) for x in layers])
+        _plot_grad_heatmap(plt, save, steps, layers, norms, vanish, explode)
+        _plot_grad_norms(plt, save, steps, layers, norms, vanish, explode)
+    ratio_layers = _layers(cols, "update_ratio/")
+    if ratio_layers:
+        _plot_update_ratios(plt, save, steps, cols, ratio_layers)
+    phases = [p for p in PHASES if f"time/{p}" in cols]
+    if phases:
+        _plot_phases(plt, save, steps, cols, phases)
+    mem_path = run_dir / "memory.parquet"
+    if mem_path.exists():
+        _plot_memory(plt, save, mem_path)
+    return written
+
+
+def _plot_loss(plt, save, steps: np.ndarray, cols: dict) -> None:
+    """Training loss per step (smoothed when long), skipped steps marked."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     loss = np.asarray(cols["loss"], dtype=np.float64)
     ax.plot(steps, loss, lw=0.8, color="tab:blue", alpha=0.5 if loss.size > 200 else 1.0,
@@ -150,104 +164,105 @@ def make_report(run_dir: str | Path) -> list[Path]:
     ax.legend(fontsize="small")
     save(fig, "loss.png")
 
-    layers = _layers(cols, "grad_norm/")
-    if layers:
-        norms = np.stack([np.asarray(cols[f"grad_norm/{x}"], dtype=np.float64) for x in layers])
-        lo, hi = np.log10(vanish) if vanish > 0 else -12.0, np.log10(explode)
 
-        # --- heat map: layers on y (dense0 on top), steps on x
-        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(layers)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logn = np.log10(norms)
-        # A calm sequential map for the healthy band; the three failure states get
-        # saturated colours that appear nowhere inside it.
-        cmap = plt.get_cmap("YlGn").with_extremes(
-            under="#1f3fff",   # vanishing
-            over="#e41a1c",    # exploding
-            bad="#ff00ff",     # non-finite
-        )
-        data = np.ma.masked_invalid(logn)
-        data = np.ma.where(np.isneginf(logn), lo - 1.0, data)   # exact zero: vanished
-        data = np.ma.where(np.isposinf(logn), hi + 1.0, data)   # overflowed norm: exploded
-        extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layers) - 0.5, -0.5)
-        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi,
-                       extent=extent)
-        ax.set_yticks(range(len(layers)), layers)
-        ax.set(xlabel="step", ylabel="layer")
-        ax.set_title(f"log10 gradient norm per layer\nblue: vanishing (< {vanish:g})   "
-                     f"red: exploding (> {explode:g})   magenta: non-finite", fontsize="medium")
-        cb = fig.colorbar(im, ax=ax, extend="both", pad=0.01)
-        cb.set_label("log10 ‖g‖")
-        save(fig, "grad_norm_heatmap.png")
+def _plot_grad_heatmap(plt, save, steps, layers, norms, vanish: float, explode: float) -> None:
+    """log10 ‖g‖ per layer (y) and step (x); the three failure states in saturated colours."""
+    lo, hi = np.log10(vanish) if vanish > 0 else -12.0, np.log10(explode)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(layers)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logn = np.log10(norms)
+    # A calm sequential map for the healthy band; the three failure states get
+    # saturated colours that appear nowhere inside it.
+    cmap = plt.get_cmap("YlGn").with_extremes(
+        under="#1f3fff",   # vanishing
+        over="#e41a1c",    # exploding
+        bad="#ff00ff",     # non-finite
+    )
+    data = np.ma.masked_invalid(logn)
+    data = np.ma.where(np.isneginf(logn), lo - 1.0, data)   # exact zero: vanished
+    data = np.ma.where(np.isposinf(logn), hi + 1.0, data)   # overflowed norm: exploded
+    extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(layers) - 0.5, -0.5)
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi,
+                   extent=extent)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set(xlabel="step", ylabel="layer")
+    ax.set_title(f"log10 gradient norm per layer\nblue: vanishing (< {vanish:g})   "
+                 f"red: exploding (> {explode:g})   magenta: non-finite", fontsize="medium")
+    cb = fig.colorbar(im, ax=ax, extend="both", pad=0.01)
+    cb.set_label("log10 ‖g‖")
+    save(fig, "grad_norm_heatmap.png")
 
-        # --- per-layer norms, log scale, with thresholds
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for x, c, n in zip(layers, _layer_colors(plt, len(layers)), norms, strict=True):
-            ax.plot(steps, _positive(n), lw=1.0, color=c, label=x)
-        ax.axhline(explode, color="tab:red", ls="--", lw=1.5,
-                   label=f"explode threshold {explode:g}")
-        if vanish > 0:
-            ax.axhline(vanish, color="tab:blue", ls="--", lw=1.5,
-                       label=f"vanish threshold {vanish:g}")
-        ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel="‖g‖ (L2, W and b)", title="Gradient norm per layer")
-        ax.grid(alpha=0.3, which="both")
-        _legend(ax, len(layers) + 2)
-        save(fig, "grad_norms.png")
 
-    ratio_layers = _layers(cols, "update_ratio/")
-    if ratio_layers:
-        fig, ax = plt.subplots(figsize=(9, 5))
-        for x, c in zip(ratio_layers, _layer_colors(plt, len(ratio_layers)), strict=True):
-            ax.plot(steps, _positive(cols[f"update_ratio/{x}"]), lw=1.0, color=c, label=x)
-        ax.axhline(UPDATE_RATIO_REFERENCE, color="tab:orange", ls="--", lw=1.5,
-                   label=f"reference {UPDATE_RATIO_REFERENCE:g}")
-        ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel="‖Δθ‖ / ‖θ‖", title="Update ratio per layer")
-        ax.grid(alpha=0.3, which="both")
-        _legend(ax, len(ratio_layers) + 1)
-        save(fig, "update_ratios.png")
+def _plot_grad_norms(plt, save, steps, layers, norms, vanish: float, explode: float) -> None:
+    """Per-layer gradient norms on a log scale, with the two thresholds drawn."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for x, c, n in zip(layers, _layer_colors(plt, len(layers)), norms, strict=True):
+        ax.plot(steps, _positive(n), lw=1.0, color=c, label=x)
+    ax.axhline(explode, color="tab:red", ls="--", lw=1.5,
+               label=f"explode threshold {explode:g}")
+    if vanish > 0:
+        ax.axhline(vanish, color="tab:blue", ls="--", lw=1.5,
+                   label=f"vanish threshold {vanish:g}")
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="‖g‖ (L2, W and b)", title="Gradient norm per layer")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(layers) + 2)
+    save(fig, "grad_norms.png")
 
-    phases = [p for p in PHASES if f"time/{p}" in cols]
-    if phases:
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        ys = [np.nan_to_num(np.asarray(cols[f"time/{p}"], dtype=np.float64)) * 1e3
-              for p in phases]
-        ax.stackplot(steps, *ys, labels=phases, alpha=0.85)
-        ax.set(xlabel="step", ylabel="ms per step", title="Time per step by phase")
+
+def _plot_update_ratios(plt, save, steps, cols: dict, layers: list[str]) -> None:
+    """‖Δθ‖/‖θ‖ per layer on a log scale."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for x, c in zip(layers, _layer_colors(plt, len(layers)), strict=True):
+        ax.plot(steps, _positive(cols[f"update_ratio/{x}"]), lw=1.0, color=c, label=x)
+    ax.axhline(UPDATE_RATIO_REFERENCE, color="tab:orange", ls="--", lw=1.5,
+               label=f"reference {UPDATE_RATIO_REFERENCE:g}")
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="‖Δθ‖ / ‖θ‖", title="Update ratio per layer")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(layers) + 1)
+    save(fig, "update_ratios.png")
+
+
+def _plot_phases(plt, save, steps, cols: dict, phases: list[str]) -> None:
+    """Milliseconds per step, stacked by phase."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ys = [np.nan_to_num(np.asarray(cols[f"time/{p}"], dtype=np.float64)) * 1e3
+          for p in phases]
+    ax.stackplot(steps, *ys, labels=phases, alpha=0.85)
+    ax.set(xlabel="step", ylabel="ms per step", title="Time per step by phase")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper right")
+    save(fig, "phase_times.png")
+
+
+def _plot_memory(plt, save, mem_path: Path) -> None:
+    """Resident memory and activation bytes per worker over steps."""
+    mem = _read(mem_path)
+    for c in ("step", "worker", "rss_bytes", "activation_bytes"):
+        if c not in mem:
+            raise ConfigError(f"{mem_path}: missing column {c!r}")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    workers = np.unique(mem["worker"])
+    rss_div, rss_unit = _byte_unit(mem["rss_bytes"])
+    act_div, act_unit = _byte_unit(mem["activation_bytes"])
+    for w, c in zip(workers, _layer_colors(plt, len(workers)), strict=True):
+        sel = mem["worker"] == w
+        ax1.plot(mem["step"][sel], mem["rss_bytes"][sel] / rss_div, color=c, marker=".",
+                 label=f"worker {w} RSS")
+        if "peak_rss_bytes" in mem:
+            ax1.plot(mem["step"][sel], mem["peak_rss_bytes"][sel] / rss_div, color=c,
+                     ls=":", label=f"worker {w} peak")
+        ax2.plot(mem["step"][sel], mem["activation_bytes"][sel] / act_div, color=c,
+                 marker=".", label=f"worker {w}")
+    ax1.set(ylabel=rss_unit, title="Resident memory per worker")
+    ax2.set(xlabel="step", ylabel=act_unit,
+            title="Activations held for backward per worker")
+    for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="upper right")
-        save(fig, "phase_times.png")
-
-    mem_path = run_dir / "memory.parquet"
-    if mem_path.exists():
-        mem = _read(mem_path)
-        for c in ("step", "worker", "rss_bytes", "activation_bytes"):
-            if c not in mem:
-                raise ConfigError(f"{mem_path}: missing column {c!r}")
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-        workers = np.unique(mem["worker"])
-        rss_div, rss_unit = _byte_unit(mem["rss_bytes"])
-        act_div, act_unit = _byte_unit(mem["activation_bytes"])
-        for w, c in zip(workers, _layer_colors(plt, len(workers)), strict=True):
-            sel = mem["worker"] == w
-            ax1.plot(mem["step"][sel], mem["rss_bytes"][sel] / rss_div, color=c, marker=".",
-                     label=f"worker {w} RSS")
-            if "peak_rss_bytes" in mem:
-                ax1.plot(mem["step"][sel], mem["peak_rss_bytes"][sel] / rss_div, color=c,
-                         ls=":", label=f"worker {w} peak")
-            ax2.plot(mem["step"][sel], mem["activation_bytes"][sel] / act_div, color=c,
-                     marker=".", label=f"worker {w}")
-        ax1.set(ylabel=rss_unit, title="Resident memory per worker")
-        ax2.set(xlabel="step", ylabel=act_unit,
-                title="Activations held for backward per worker")
-        for ax in (ax1, ax2):
-            ax.grid(alpha=0.3)
-            ax.set_ylim(bottom=0)
-            _legend(ax, 2 * len(workers))
-        save(fig, "memory.png")
-
-    return written
+        ax.set_ylim(bottom=0)
+        _legend(ax, 2 * len(workers))
+    save(fig, "memory.png")
 
 
 __all__ = ["make_report"]

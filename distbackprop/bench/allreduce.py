@@ -42,9 +42,8 @@ class AllreduceBenchWorker:
 
     def time_mpi(self, n: int, repeats: int, inner: int) -> dict:
         """Median seconds per call of the project's allreduce_ and of raw mpi4py."""
-        from ..comm.mpi import MPI
+        from ..comm.mpi import raw_allreduce
         comm = self.comm
-        raw = comm.mpi_comm
         # Zeros stay zeros: repeated in-place sums never overflow or turn denormal.
         buf = np.zeros(n, dtype=np.float32)
 
@@ -54,7 +53,7 @@ class AllreduceBenchWorker:
 
         def mpi4py_raw() -> None:
             for _ in range(inner):
-                raw.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                raw_allreduce(comm, buf)
 
         for f in (project, mpi4py_raw, project, mpi4py_raw):
             f()
@@ -62,7 +61,7 @@ class AllreduceBenchWorker:
         for i in range(repeats):
             pair = ((project, "project"), (mpi4py_raw, "raw"))
             for f, key in pair if i % 2 == 0 else pair[::-1]:
-                raw.Barrier()
+                comm.barrier()
                 t0 = time.perf_counter()
                 f()
                 times[key].append((time.perf_counter() - t0) / inner)
@@ -85,55 +84,41 @@ class AllreduceBenchWorker:
         self.comm.close()
 
 
-def _ray_round(ray, actors) -> float:
+def _ray_round(actors) -> float:
     """One object-store 'allreduce' driven from the driver; returns its wall time."""
     t0 = time.perf_counter()
-    grads = ray.get([a.grad.remote() for a in actors])
-    total = grads[0].copy()
-    for g in grads[1:]:
-        total += g
-    ref = ray.put(total)
-    ray.get([a.set_grad.remote(ref) for a in actors])
+    actors.object_store_sum("grad", "set_grad")
     return time.perf_counter() - t0
 
 
 def run(quick: bool = False) -> list[dict]:
-    import ray
+    from ..runtime.raysession import Actors, local_ray
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-        started = True
-    actor_cls = ray.remote(num_cpus=1)(AllreduceBenchWorker)
-    actors = [actor_cls.remote() for _ in range(2)]
     rows: list[dict] = []
-    try:
-        port = ray.get(actors[0].open_port.remote(2), timeout=120)
-        ray.get([a.join.remote(port, r, 2, RENDEZVOUS_TIMEOUT) for r, a in enumerate(actors)],
-                timeout=RENDEZVOUS_TIMEOUT + 30)
-        mpi_repeats = 11 if quick else 101
-        ray_repeats = 5 if quick else 15
-        for n in SIZES:
-            inner = int(min(1000, max(1, 200_000 // n)))
-            mpi = ray.get([a.time_mpi.remote(n, mpi_repeats, inner) for a in actors],
-                          timeout=600)[0]
-            ray.get([a.set_buffer.remote(n) for a in actors], timeout=60)
-            _ray_round(ray, actors)  # warm-up
-            ray_s = float(np.median([_ray_round(ray, actors) for _ in range(ray_repeats)]))
-            rows.append({
-                "floats": n,
-                "MB": n * 4 / 1e6,
-                "project_us": mpi["project"] * 1e6,
-                "raw_mpi4py_us": mpi["raw"] * 1e6,
-                "project/raw": mpi["ratio"],
-                "ray_object_store_us": ray_s * 1e6,
-                "ray/project": ray_s / mpi["project"],
-            })
-        ray.get([a.close.remote() for a in actors], timeout=60)
-    finally:
-        for a in actors:
-            ray.kill(a, no_restart=True)
-        if started:
-            ray.shutdown()
+    with local_ray(num_cpus=2):
+        actors = Actors(AllreduceBenchWorker, 2, num_cpus=1)
+        try:
+            port = actors.call_one(0, "open_port", 2)
+            actors.call("join", each=[(port, r, 2, RENDEZVOUS_TIMEOUT) for r in range(2)],
+                        timeout=RENDEZVOUS_TIMEOUT + 30)
+            mpi_repeats = 11 if quick else 101
+            ray_repeats = 5 if quick else 15
+            for n in SIZES:
+                inner = int(min(1000, max(1, 200_000 // n)))
+                mpi = actors.call("time_mpi", n, mpi_repeats, inner)[0]
+                actors.call("set_buffer", n, timeout=60)
+                _ray_round(actors)  # warm-up
+                ray_s = float(np.median([_ray_round(actors) for _ in range(ray_repeats)]))
+                rows.append({
+                    "floats": n,
+                    "MB": n * 4 / 1e6,
+                    "project_us": mpi["project"] * 1e6,
+                    "raw_mpi4py_us": mpi["raw"] * 1e6,
+                    "project/raw": mpi["ratio"],
+                    "ray_object_store_us": ray_s * 1e6,
+                    "ray/project": ray_s / mpi["project"],
+                })
+            actors.call("close", timeout=60)
+        finally:
+            actors.close()
     return rows

@@ -69,18 +69,13 @@ def _startup_seconds(data: Path, out: Path) -> float:
 
 
 def run(quick: bool = False) -> list[dict]:
-    import ray
+    from ..runtime.raysession import local_ray
     steps = 30 if quick else 120
     rounds = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="dbp-bench-") as tmp:
         tmp_path = Path(tmp)
         data = _dataset(tmp_path)
         startups = [_startup_seconds(data, tmp_path / f"startup{i}") for i in range(rounds)]
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        started = not ray.is_initialized()
-        if started:
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
         from ..metrics.exporter import MetricsExporter  # noqa: F401 - fail early if missing
         variants = {
             "1 worker": dict(workers=1),
@@ -90,7 +85,7 @@ def run(quick: bool = False) -> list[dict]:
             "2 workers, metrics on": dict(workers=2, metrics_port=_free_port()),
         }
         results: dict[str, list[dict]] = {k: [] for k in variants}
-        try:
+        with local_ray(num_cpus=max(2, os.cpu_count() or 2)):
             for r in range(rounds):
                 for name, kw in variants.items():
                     kw = dict(kw)
@@ -99,9 +94,6 @@ def run(quick: bool = False) -> list[dict]:
                         kw["metrics_port"] = _free_port()
                     results[name].append(_run(data, tmp_path / f"{name}-{r}".replace(" ", "_")
                                               .replace(",", ""), w, steps, **kw))
-        finally:
-            if started:
-                ray.shutdown()
     med = {k: {f: float(np.median([x[f] for x in v])) for f in v[0]}
            for k, v in results.items()}
     base = med["1 worker"]["sps"]

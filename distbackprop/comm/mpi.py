@@ -290,3 +290,8 @@ def join(port: str, rank: int, size: int, timeout: float = 60.0) -> MpiComm:
     if "error" in outcome:
         raise outcome["error"]
     return MpiComm(outcome["comm"])
+
+
+def raw_allreduce(comm: MpiComm, buf: np.ndarray) -> None:
+    """Plain mpi4py in-place SUM Allreduce on `comm` (the benchmark's reference)."""
+    comm.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)

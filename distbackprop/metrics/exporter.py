@@ -1,6 +1,6 @@
 """Prometheus exporter for the coordinator (the only prometheus_client importer).
 
-Every metric of CONTRACT.md's table lives in the exporter's own
+Every metric of the README's table lives in the exporter's own
 `CollectorRegistry` (no global state); tests read values with
 ``registry.get_sample_value``. Fed once per chunk from the per-step statistics
 the workers return (`record_chunk`), so the cost is per chunk, not per step
@@ -38,6 +38,9 @@ PHASE_BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 MODEL_KINDS: tuple[str, ...] = ("params", "grads", "optimizer")
+
+
+RESTART_REASONS = ("death", "hang", "node_lost", "resize")
 
 
 class PhaseHistogram(Collector):
@@ -152,7 +155,9 @@ class MetricsExporter:
                            registry=r)
         self.workers = Gauge("distbackprop_workers", "Workers in the current group", registry=r)
         self.restarts = Counter("distbackprop_worker_restarts_total",
-                                "Worker-group restarts after a failure", registry=r)
+                                "Worker-group restarts, by reason", ["reason"], registry=r)
+        for reason in RESTART_REASONS:  # every reason exported from the start, at 0
+            self.restarts.labels(reason=reason)
         self.step = Gauge("distbackprop_step", "Last completed step", registry=r)
         self.epoch = Gauge("distbackprop_epoch", "Epoch of the last completed step", registry=r)
         self.lr = Gauge("distbackprop_lr", "Learning rate of the last step", registry=r)
@@ -323,14 +328,16 @@ class MetricsExporter:
         if self.enabled:
             self.workers.set(int(n))
 
-    def inc_restarts(self, n: int = 1) -> None:
-        """Count a worker-group restart."""
+    def inc_restarts(self, n: int = 1, reason: str = "death") -> None:
+        """Count a worker-group restart; `reason` is one of RESTART_REASONS."""
+        if reason not in RESTART_REASONS:
+            raise ValueError(f"reason: {reason!r} is not one of {', '.join(RESTART_REASONS)}")
         if self.enabled:
-            self.restarts.inc(n)
+            self.restarts.labels(reason=reason).inc(n)
 
     def series_count(self) -> int:
         """Number of samples the registry exposes now (tests: bounded by labels, not steps)."""
         return sum(len(m.samples) for m in self.registry.collect())
 
 
-__all__ = ["MODEL_KINDS", "PHASE_BUCKETS", "MetricsExporter", "PhaseHistogram"]
+__all__ = ["RESTART_REASONS", "MODEL_KINDS", "PHASE_BUCKETS", "MetricsExporter", "PhaseHistogram"]

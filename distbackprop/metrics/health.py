@@ -227,7 +227,8 @@ class StepStats:
     Arrays (K = steps recorded, L = len(layers)): step, epoch, samples (K,) int64;
     loss, lr, grad_global_norm, grad_max_abs, step_seconds (K,) f64;
     grad_norm, update_ratio (K, L) f64; nonfinite (K,) int64; skipped (K,) bool;
-    phase_seconds (K, len(PHASES)) f64 in PHASES order. Nothing grows per step:
+    phase_seconds (K, len(PHASES)) f64 in PHASES order; sharpness (K,) f64 (NaN
+    where not measured). Nothing grows per step:
     `record` writes row K and `reset` rewinds.
     """
 
@@ -254,10 +255,12 @@ class StepStats:
         self.skipped = np.zeros(capacity, dtype=bool)
         self.step_seconds = np.zeros(capacity, dtype=np.float64)
         self.phase_seconds = np.zeros((capacity, len(PHASES)), dtype=np.float64)
+        self.sharpness = np.full(capacity, np.nan)  # top Hessian eigenvalue, when measured
 
     FIELDS: tuple[str, ...] = (
         "step", "epoch", "loss", "samples", "lr", "grad_global_norm", "grad_norm",
         "update_ratio", "grad_max_abs", "nonfinite", "skipped", "step_seconds", "phase_seconds",
+        "sharpness",
     )
 
     def __len__(self) -> int:
@@ -293,6 +296,7 @@ class StepStats:
         self.skipped[k] = skipped
         self.step_seconds[k] = step_seconds
         self.phase_seconds[k] = phase_seconds
+        self.sharpness[k] = np.nan
         self.n = k + 1
 
     def as_dict(self, copy: bool = True) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """Run history on disk: ``history.parquet`` (one row per step) and ``memory.parquet``.
 
-history.parquet columns (CONTRACT.md; extend, never rename):
+history.parquet columns (public: extend, never rename):
 ``step, epoch, loss, samples, lr, grad_global_norm, grad_max_abs, nonfinite, skipped,
 step_seconds, time/<phase> for phase in PHASES, grad_norm/<layer>, update_ratio/<layer>``.
 
@@ -31,10 +31,11 @@ _SCALARS: tuple[tuple[str, type], ...] = (
     ("step", np.int64), ("epoch", np.int64), ("loss", np.float64), ("samples", np.int64),
     ("lr", np.float64), ("grad_global_norm", np.float64), ("grad_max_abs", np.float64),
     ("nonfinite", np.int64), ("skipped", np.bool_), ("step_seconds", np.float64),
-    ("sharpness", np.float64),
+    ("sharpness", np.float64), ("workers", np.int64),
 )
-# Measured only every --sharpness-every steps (NaN otherwise); absent in older files.
-_OPTIONAL = frozenset({"sharpness"})
+# sharpness: measured only every --sharpness-every steps (NaN otherwise); workers: the
+# group size that ran the step. Both absent in older files.
+_OPTIONAL: dict[str, float] = {"sharpness": np.nan, "workers": 0}  # name → fill value
 MEMORY_COLUMNS: tuple[str, ...] = (
     "step", "worker", "rss_bytes", "peak_rss_bytes", "activation_bytes", "open_fds", "threads",
 )
@@ -83,7 +84,7 @@ class HistoryWriter:
         ]
         for name, dt, shape in want:
             if name in _OPTIONAL and name not in stats:
-                chunk[name] = np.full(shape, np.nan)
+                chunk[name] = np.full(shape, _OPTIONAL[name], dtype=dt)
                 continue
             if name not in stats:
                 raise ValueError(f"stats: missing key {name!r}")
@@ -127,8 +128,8 @@ class HistoryWriter:
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise ConfigError(f"{path}: cannot read as Parquet: {exc}") from exc
         n_rows = len(cols.get("step", ()))
-        for name in _OPTIONAL:
-            cols.setdefault(name, np.full(n_rows, np.nan))
+        for name, fill in _OPTIONAL.items():
+            cols.setdefault(name, np.full(n_rows, fill))
         need = [name for name, _ in _SCALARS] + [f"time/{p}" for p in PHASES] + [
             f"{k}/{x}" for k in ("grad_norm", "update_ratio") for x in self.layers]
         missing = [name for name in need if name not in cols]

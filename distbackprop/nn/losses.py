@@ -2,7 +2,7 @@
 
 `denom` is the *global* batch size: each data-parallel worker divides its rows'
 contributions by it, so the SUM-allreduce of the workers' values and
-gradients is the global batch mean (see ARCHITECTURE.md, mean-gradient
+gradients is the global batch mean (see the README, mean-gradient
 semantics). With one process, ``denom = batch``.
 """
 

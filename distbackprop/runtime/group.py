@@ -11,42 +11,49 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..config import TrainConfig
-from .worker import Faults, Worker
+from .faults import worker_class
+from .worker import ReplicaSpec, Worker
 
 
 class WorkerFailure(RuntimeError):
-    """A replica died or hung; `ranks` names them."""
+    """A replica died or hung; `ranks` names them; `reason` is the restart metric's label
+    (death, hang, node_lost, resize)."""
 
-    def __init__(self, message: str, ranks: list[int]):
+    def __init__(self, message: str, ranks: list[int], reason: str = "death"):
         super().__init__(message)
         self.ranks = ranks
+        self.reason = reason
 
 
-@dataclass
+class ChunkAbandoned(RuntimeError):
+    """A stop was requested and the running chunk did not end within the grace period."""
+
+
+@dataclass(frozen=True)
 class GroupSpec:
-    """What every replica needs to build itself (small: arrays travel as a cache path)."""
+    """What every replica needs (small: arrays travel as a cache path, not by value)."""
 
-    config: TrainConfig
-    cache_path: str | None
-    n_out: int
-    loss: str
-    total_steps: int
-    faults_json: str | None = None
-    stream: Any = None  # a StreamPlan in --streaming mode (then cache_path is None)
-    n_in: int = 0
+    replica: ReplicaSpec
+    cache_path: str | None = None
+    faults_json: str | None = None  # test-only fault injection, passed to every replica
+
+    def build_worker(self, rank: int, world: int, x=None, y=None, comm=None) -> Worker:
+        cls, extra = worker_class(self.faults_json)
+        return cls(self.replica, rank, world, x, y, comm=comm, **extra)
 
 
 class WorkerGroup(Protocol):
     size: int
 
     def start(self) -> None: ...
-    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], Any]:
+    def run_chunk(self, start: int, k: int, consecutive_skips: int,
+                  deadline: float) -> tuple[list[dict], Any]:
         """Per-rank results of steps [start, start+k), and the state after them (a dict
         of arrays or a handle `Commit.resolved` can fetch)."""
         ...
@@ -60,18 +67,18 @@ class LocalGroup:
     """One in-process replica on `LocalComm`: `--local` mode, no Ray, no MPI."""
 
     size = 1
+    interrupt = None  # a chunk in this process cannot be abandoned; it ends within ~1 s
 
-    def __init__(self, spec: GroupSpec, x: np.ndarray, y: np.ndarray):
+    def __init__(self, spec: GroupSpec, x: np.ndarray | None, y: np.ndarray | None):
         self.spec, self.x, self.y = spec, x, y
         self.worker: Worker | None = None
 
     def start(self) -> None:
-        s = self.spec
-        self.worker = Worker(s.config, 0, 1, self.x, self.y, s.n_out, s.loss, s.total_steps,
-                             faults=Faults.from_env(), stream=s.stream, n_in=s.n_in)
+        self.worker = self.spec.build_worker(0, 1, self.x, self.y)
 
-    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], Any]:
-        res = self.worker.run_chunk(start, k)
+    def run_chunk(self, start: int, k: int, consecutive_skips: int,
+                  deadline: float) -> tuple[list[dict], Any]:
+        res = self.worker.run_chunk(start, k, consecutive_skips)
         res["checksum"] = self.worker.checksum()
         return [res], self.worker.state()
 
@@ -94,21 +101,18 @@ class _ActorBody:
     """The plain class a Ray actor wraps: builds a `Worker` from a `GroupSpec`."""
 
     def __init__(self, spec: GroupSpec, rank: int, world: int):
-        _limit_blas(spec.config.cpus_per_worker)
+        cfg = spec.replica.config
+        _limit_blas(cfg.cpus_per_worker)
         from ..data import load_training_data, open_cache
         x = y = None
-        if spec.stream is not None:
+        if spec.replica.stream is not None:
             pass  # each rank streams its own row groups
         elif spec.cache_path and os.path.exists(spec.cache_path):
             x, y = open_cache(spec.cache_path)
         else:  # another node: read the source once more (deterministic)
-            b = load_training_data(spec.config)
+            b = load_training_data(cfg)
             x, y = b.x_train, b.y_train
-        if spec.faults_json:
-            os.environ["DISTBACKPROP_TEST_FAULTS"] = spec.faults_json
-        self.worker = Worker(spec.config, rank, world, x, y, spec.n_out, spec.loss,
-                             spec.total_steps, faults=Faults.from_env(), stream=spec.stream,
-                             n_in=spec.n_in)
+        self.worker = spec.build_worker(rank, world, x, y)
         self.rank, self.world = rank, world
 
     def pid(self) -> int:
@@ -125,18 +129,13 @@ class _ActorBody:
         self.worker.set_comm(comm)
         return comm.size
 
-    def run_chunk(self, start: int, k: int) -> tuple[dict, dict | None]:
+    def run_chunk(self, start: int, k: int, consecutive_skips: int) -> tuple[dict, dict | None]:
         """(statistics, rank 0's state). Called with num_returns=2: the state becomes its
         own object, owned by the coordinator, and is serialized without a copy here
         first (the actor does nothing else until the return value is stored)."""
-        res = self.worker.run_chunk(start, k)
+        res = self.worker.run_chunk(start, k, consecutive_skips)
         res["checksum"] = self.worker.checksum()
-        if self.rank != 0:
-            return res, None
-        w = self.worker
-        state = {"params": w.model.params}
-        state.update({f"opt/{k}": v for k, v in w.optimizer.state.items()})
-        return res, state
+        return res, (self.worker.state_views() if self.rank == 0 else None)
 
     def grad_step(self, step: int, params) -> dict:
         return self.worker.reduced_gradient(step, params)
@@ -151,20 +150,21 @@ class _ActorBody:
 class RayGroup:
     """N Ray actors in a placement group, joined by one MPI communicator."""
 
-    def __init__(self, spec: GroupSpec, rendezvous_timeout: float = 60.0):
+    def __init__(self, spec: GroupSpec, size: int, rendezvous_timeout: float = 60.0):
         self.spec = spec
-        self.size = spec.config.workers
+        self.size = size
         self.rendezvous_timeout = rendezvous_timeout
         self.actors: list = []
         self.pids: list[int] = []
         self.pg = None
+        self.interrupt: Callable[[], bool] | None = None  # True: abandon the chunk in flight
 
     def start(self) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        cfg = self.spec.config
+        cfg = self.spec.replica.config
         cpus = cfg.cpus_per_worker
         self.pg = placement_group([{"CPU": cpus}] * self.size,
                                   strategy="PACK" if cfg.placement == "pack" else "SPREAD")
@@ -210,12 +210,16 @@ class RayGroup:
         end = time.monotonic() + deadline
         while pending:
             ready, pending = ray.wait(pending, num_returns=1,
-                                      timeout=max(0.0, end - time.monotonic()))
+                                      timeout=min(0.5, max(0.0, end - time.monotonic())))
+            if not ready and self.interrupt is not None and self.interrupt():
+                raise ChunkAbandoned(f"stopped while waiting for the workers to {what}")
+            if not ready and time.monotonic() < end:
+                continue
             if not ready:
                 missing = sorted(index[r] for r in pending)
                 raise WorkerFailure(
                     f"worker rank(s) {', '.join(map(str, missing))} did not {what} within "
-                    f"{deadline:.1f} s (hung, or blocked on a peer that hung)", missing)
+                    f"{deadline:.1f} s (hung, or blocked on a peer that hung)", missing, "hang")
             r = ready[0]
             try:
                 results[index[r]] = ray.get(r)
@@ -230,8 +234,10 @@ class RayGroup:
                                     f"{type(exc).__name__}", [index[r]]) from None
         return [results[i] for i in sorted(results)]
 
-    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], Any]:
-        pairs = [a.run_chunk.options(num_returns=2).remote(start, k) for a in self.actors]
+    def run_chunk(self, start: int, k: int, consecutive_skips: int,
+                  deadline: float) -> tuple[list[dict], Any]:
+        pairs = [a.run_chunk.options(num_returns=2).remote(start, k, consecutive_skips)
+                 for a in self.actors]
         results = self._gather([p[0] for p in pairs], deadline,
                                f"finish steps {start}..{start + k - 1}")
         return results, pairs[0][1]

@@ -1,8 +1,8 @@
 """`--launcher mpi`: the same engine under ``mpiexec -n N python -m distbackprop train``.
 
-No Ray: `MpiComm` wraps COMM_WORLD. Rank 0 runs the `Coordinator` (metrics,
-history, checkpoints) with an `MpiRootGroup`, which broadcasts each command
-to the other ranks; they run `follow` until told to stop. Per-rank memory and
+No Ray: `MpiComm` wraps COMM_WORLD. Rank 0 runs the `Trainer` with an
+`MpiRootGroup` injected as its group, which broadcasts each command to the
+other ranks; they run `follow` until told to stop. Per-rank memory and
 parameter checksums reach rank 0 through one SUM-allreduce of a (size, 4)
 table in which each rank fills its own row.
 """
@@ -13,13 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from .worker import Faults, Worker
+from ..config import TrainConfig
+from .group import GroupSpec
+from .signals import StopRequest
+from .trainer import Result, Trainer
+from .worker import Worker
 
 CMD_STOP, CMD_CHUNK, CMD_GRAD, CMD_LOAD = 0, 1, 2, 3
 
 
 class MpiRootGroup:
     """The `WorkerGroup` protocol on rank 0 of COMM_WORLD."""
+
+    interrupt = None  # rank 0 computes too: its chunk ends within ~1 s
 
     def __init__(self, worker: Worker, comm):
         self.worker, self.comm = worker, comm
@@ -33,9 +39,10 @@ class MpiRootGroup:
     def start(self) -> None:
         pass
 
-    def run_chunk(self, start: int, k: int, deadline: float) -> tuple[list[dict], dict]:
-        self._send(CMD_CHUNK, start, k)
-        res = self.worker.run_chunk(start, k)
+    def run_chunk(self, start: int, k: int, consecutive_skips: int,
+                  deadline: float) -> tuple[list[dict], dict]:
+        self._send(CMD_CHUNK, start, k, consecutive_skips)
+        res = self.worker.run_chunk(start, k, consecutive_skips)
         table = _gather_table(self.worker, self.comm)
         out = [res]
         res["checksum"] = table[0, 0]
@@ -56,7 +63,7 @@ class MpiRootGroup:
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self._send(CMD_LOAD)
         self.worker.load_state_(state)
-        for arr in _state_arrays(self.worker):
+        for arr in self.worker.state_views().values():
             self.comm.bcast_(arr, root=0)
 
     def shutdown(self, graceful: bool = False) -> None:
@@ -64,10 +71,6 @@ class MpiRootGroup:
 
     def stop_followers(self) -> None:
         self._send(CMD_STOP)
-
-
-def _state_arrays(worker: Worker) -> list[np.ndarray]:
-    return [worker.model.params, *worker.optimizer.state.values()]
 
 
 def _gather_table(worker: Worker, comm) -> np.ndarray:
@@ -85,40 +88,55 @@ def follow(worker: Worker, comm) -> None:
     cmd = np.zeros(4, np.int64)
     while True:
         comm.bcast_(cmd, root=0)
-        op, a, b, _ = (int(v) for v in cmd)
+        op, a, b, c = (int(v) for v in cmd)
         if op == CMD_STOP:
             return
         if op == CMD_CHUNK:
-            worker.run_chunk(a, b)
+            worker.run_chunk(a, b, c)
             _gather_table(worker, comm)
         elif op == CMD_GRAD:
             if b:
                 comm.bcast_(worker.model.params, root=0)
             worker.reduced_gradient(a, None)
         elif op == CMD_LOAD:
-            for arr in _state_arrays(worker):
+            for arr in worker.state_views().values():
                 comm.bcast_(arr, root=0)
 
 
-def run_mpi(trainer, cfg, bundle, loss: str, n_out: int, resume_meta):
+def run_mpi(config: TrainConfig, started: float | None = None) -> Result | None:
     """Entry for every rank; returns the `Result` on rank 0 and None elsewhere."""
     from ..comm.mpi import MpiComm
-    from .trainer import total_steps
     comm = MpiComm.world()
-    cfg = cfg.replace(workers=comm.size, local=False)
-    total, _ = total_steps(cfg, bundle)
-    worker = Worker(cfg, comm.rank, comm.size, bundle.x_train, bundle.y_train, n_out, loss,
-                    total, comm=comm, faults=Faults.from_env(), stream=bundle.stream,
-                    n_in=bundle.n_features)
     try:
+        cfg = config.replace(workers=comm.size, local=False)
+        trainer = Trainer(cfg, started=started)
+        prep = trainer.prepare()
+        spec = GroupSpec(prep.spec, None, _faults())
+        worker = spec.build_worker(comm.rank, comm.size, prep.bundle.x_train,
+                                   prep.bundle.y_train, comm=comm)
         if comm.rank != 0:
-            follow(worker, comm)
+            # Signals sent to every rank (mpiexec forwards them): rank 0 decides and stops
+            # the followers at a chunk boundary, so a follower only notes them.
+            stop = StopRequest()
+            stop.install()
+            try:
+                follow(worker, comm)
+            finally:
+                stop.restore()
             return None
         group = MpiRootGroup(worker, comm)
+        trainer.group_factory = lambda spec, size: group
         try:
-            return trainer._fit(cfg, bundle, loss, n_out, resume_meta,
-                                group_factory=lambda: group)
+            return trainer.fit(prep)
         finally:
             group.stop_followers()
     finally:
         comm.close()
+
+
+def _faults() -> str | None:
+    import os
+    return os.environ.get("DISTBACKPROP_TEST_FAULTS")
+
+
+__all__ = ["MpiRootGroup", "follow", "run_mpi"]

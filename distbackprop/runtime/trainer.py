@@ -1,53 +1,60 @@
 """`Trainer(config).fit() -> Result`: the public entry point, for every execution mode.
 
-It validates the configuration and the data before anything starts, builds
-the worker group the configuration asks for (in-process, Ray actors, or the
-ranks of an ``mpiexec`` launch), hands it to the `Coordinator`, and writes the
-run directory: config.yaml, model.npz, history.parquet, summary.json,
-memory.parquet and checkpoints/.
+`prepare()` validates the configuration and the data before anything starts
+and returns one frozen `PreparedRun`. `fit()` builds the worker group the
+configuration asks for (in-process, or Ray actors; `mpi_launch` injects the
+ranks of an ``mpiexec`` launch), hands it to the `Coordinator`, reports through
+one `RunObserver` (metrics, history, checkpoints, progress) and writes the run
+directory (`RunDir`). A stop signal ends the run at a chunk boundary with
+everything saved and ``status: interrupted``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, TrainConfig
-from .coordinator import (
-    Commit,
-    Coordinator,
-    CoordinatorHooks,
-    TrainingFailed,
-    initial_commit,
-    summarize_losses,
-)
-from .group import GroupSpec, LocalGroup, RayGroup
-from .worker import build_model
+from ..config import TrainConfig
+from ..errors import ConfigError
+from .coordinator import Commit, Coordinator, State, TrainingFailed, summarize_losses
+from .group import GroupSpec, LocalGroup, RayGroup, WorkerGroup
+from .placement import make_placement
+from .rundir import Checkpoint, RunDir
+from .signals import StopRequest
+from .worker import ReplicaSpec
 
 # Config fields that define the model and the data order: a resumed run must not change them.
 _RESUME_FIXED = ("hidden", "activation", "init", "dtype", "seed", "batch_size", "loss",
                  "optimizer", "data", "target", "features", "task", "standardize",
                  "val_fraction", "val_data")
 
+GroupFactory = Callable[[GroupSpec, int], WorkerGroup]
+
 
 @dataclass
 class Result:
-    """What `fit` returns: `summary` (as summary.json), `history` (pyarrow.Table), `model`."""
+    """What `fit` returns: `summary` (as summary.json), `history` (pyarrow.Table), `model`.
+
+    `status` is "finished" or "interrupted" (a stop signal; `exit_status` 130 or 143).
+    """
 
     summary: dict[str, Any]
     history: Any
     model: Any
     run_dir: Path
     worker_pids: tuple[int, ...] = ()
+    exit_status: int = 0
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "finished")
 
 
 def default_loss(task: str) -> str:
@@ -59,21 +66,43 @@ def output_size(loss: str, task: str, n_outputs: int) -> int:
     return 1 if loss == "bce" and task == "classification" else n_outputs
 
 
-class Trainer:
-    """Train per `config`. ``fit()`` raises `ConfigError` (bad input) or `TrainingFailed`."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """Everything validated before the run starts: nothing here has touched the run directory."""
 
-    def __init__(self, config: TrainConfig, *, started: float | None = None):
+    config: TrainConfig
+    bundle: Any  # data.DataBundle
+    spec: ReplicaSpec
+    steps_per_epoch: int
+    run_dir: RunDir
+    resume: Checkpoint | None
+
+    @property
+    def total_steps(self) -> int:
+        return self.spec.total_steps
+
+
+class Trainer:
+    """Train per `config`. ``fit()`` raises `ConfigError` (bad input) or `TrainingFailed`.
+
+    `group_factory(spec, size)` builds the worker group; by default `LocalGroup`
+    for ``--local`` and `RayGroup` otherwise (Ray is then started or joined here).
+    """
+
+    def __init__(self, config: TrainConfig, *, started: float | None = None,
+                 group_factory: GroupFactory | None = None):
         self.config = config
         self.started = started if started is not None else time.time()
+        self.group_factory = group_factory
 
     # ------------------------------------------------------------------ preparation
-    def _prepare(self):
+    def prepare(self) -> PreparedRun:
         from ..data import load_training_data
 
         cfg = self.config.validate()
-        resume_meta = None
-        if cfg.resume:
-            cfg, resume_meta = _resume_config(cfg)
+        run_dir, resume = _resume_point(cfg)
+        if resume is not None:
+            cfg = _resumed_config(cfg, run_dir)
         bundle = load_training_data(cfg)
         loss = cfg.loss or default_loss(bundle.task)
         problems = []
@@ -85,204 +114,235 @@ class Trainer:
                             "or --loss cross_entropy")
         if loss == "bce" and bundle.task == "classification" and bundle.n_outputs != 2:
             problems.append(f"loss: bce needs 2 classes, the target has {bundle.n_outputs}")
-        n_out = output_size(loss, bundle.task, bundle.n_outputs)
         if cfg.launcher == "mpi" and cfg.local:
             problems.append("launcher: mpi cannot be combined with --local")
+        if cfg.streaming and cfg.min_workers != cfg.max_workers:
+            problems.append("workers: an elastic MIN:MAX group needs in-memory data (the "
+                            "streaming split depends on the number of workers)")
         if problems:
             raise ConfigError(problems)
-        return cfg, bundle, loss, n_out, resume_meta
+        n_out = output_size(loss, bundle.task, bundle.n_outputs)
+        spec = ReplicaSpec(cfg, bundle.n_features, n_out, loss, 0, bundle.stream)
+        b = spec.batcher(bundle.x_train, bundle.y_train, 0, cfg.world_size)
+        spe = b.steps_per_epoch
+        if hasattr(b, "close"):
+            b.close()
+        total = cfg.max_steps if cfg.max_steps else cfg.epochs * spe
+        if resume is not None and resume.step >= total:
+            raise ConfigError(f"resume: the checkpoint is at step {resume.step}, already at or "
+                              f"past the {total} steps asked for (raise --max-steps or "
+                              "--epochs)")
+        spec = ReplicaSpec(cfg, bundle.n_features, n_out, loss, total, bundle.stream)
+        return PreparedRun(cfg, bundle, spec, spe, run_dir, resume)
 
     # --------------------------------------------------------------------- the run
-    def fit(self) -> Result:
-        cfg, bundle, loss, n_out, resume_meta = self._prepare()
-        if cfg.launcher == "mpi":
-            from .mpi_launch import run_mpi
-            return run_mpi(self, cfg, bundle, loss, n_out, resume_meta)
-        return self._fit(cfg, bundle, loss, n_out, resume_meta)
-
-    def _fit(self, cfg, bundle, loss, n_out, resume_meta, group_factory=None) -> Result:
-        from ..checkpoint import latest_checkpoint, save_checkpoint
+    def fit(self, prep: PreparedRun | None = None) -> Result:
+        """Train; `prep` is `prepare()`'s result when the caller already has it."""
         from ..metrics.exporter import MetricsExporter
-        from ..metrics.history import HistoryWriter, MemoryHistory
-        from ..metrics.memory import model_bytes
 
-        run_dir = Path(cfg.resume or cfg.out or
-                       Path("runs") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
-        total, spe = total_steps(cfg, bundle)
-        probe = build_model(cfg, bundle.n_features, n_out)
-        layers = probe.layer_names
-
-        commit = initial_commit(cfg, bundle.n_features, n_out)
-        history = HistoryWriter(layers)
-        memhist = MemoryHistory()
-        prev_restarts = 0
-        if resume_meta is not None:
-            found = latest_checkpoint(run_dir)
-            if found is None:
-                raise ConfigError(f"resume: no valid checkpoint under {run_dir}/checkpoints")
-            path, arrays, meta = found
-            commit = Commit(int(meta["step"]), dict(arrays))
-            prev_restarts = int(meta.get("restarts", 0))
-            old = run_dir / "history.parquet"
-            if old.exists():
-                history.extend_from_parquet(old, upto_step=commit.step)
-            if (run_dir / "memory.parquet").exists():
-                memhist = MemoryHistory.from_file(run_dir / "memory.parquet",
-                                                  before_step=commit.step)
-            if commit.step >= total:
-                raise ConfigError(f"resume: the checkpoint is at step {commit.step}, already "
-                                  f"at or past the {total} steps asked for (raise --max-steps "
-                                  "or --epochs)")
-
-        # Everything that can refuse the run happens before the run directory is touched.
-        exporter = MetricsExporter.from_config(cfg, layers)
+        prep = prep if prep is not None else self.prepare()
+        cfg = prep.config
+        model = prep.spec.build_model()
+        exporter = MetricsExporter.from_config(cfg, model.layer_names)
+        stop = StopRequest()
         started_ray = False
-        if group_factory is None and not cfg.local:
-            started_ray = _ensure_ray(cfg)
-        progress = None
+        observer: RunObserver | None = None
         try:
-            if group_factory is None and not cfg.local:
-                _check_capacity(cfg)
+            factory = self.group_factory
+            if factory is None and not cfg.local:
+                started_ray = _start_ray(cfg)
+            stop.install()  # after Ray starts: its core replaces an earlier SIGTERM handler
             try:
                 exporter.start()
             except OSError as exc:
                 raise ConfigError(f"metrics_port: cannot listen on {cfg.metrics_host}:"
                                   f"{cfg.metrics_port} ({exc.strerror}); choose another port "
                                   "or --metrics-port 0 to turn metrics off") from None
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_yaml(run_dir / "config.yaml", cfg)
-            opt_bytes = sum(v.nbytes for k, v in commit.resolved().items()
-                            if k.startswith("opt/"))
-            exporter.set_model_bytes(model_bytes(probe.params, probe.grads, {
-                "opt": np.zeros(opt_bytes, np.uint8)}))
-            exporter.set_workers(cfg.world_size)
-            exporter.vanish_threshold.set(cfg.vanish_threshold)  # before the first chunk too
-            exporter.explode_threshold.set(cfg.explode_threshold)
-
-            progress = _Progress(total, commit.step, quiet=cfg.quiet)
-            for note in bundle.notes:
-                progress.write(f"data: {note}")
-            last_ckpt: list[Path | None] = [None]
-            state = {"restarts": prev_restarts}
-            t_chunk = [time.time()]
-
-            def on_chunk(stats, memory):
-                now = time.time()
-                history.append(stats)
-                exporter.record_chunk(stats, cfg.vanish_threshold, cfg.explode_threshold,
-                                      wall_seconds=now - t_chunk[0])
-                t_chunk[0] = now
-                exporter.record_workers(memory)
-                if len(stats["step"]):
-                    memhist.append(int(stats["step"][-1]), memory)
-
-            def on_commit(c: Commit):
-                if cfg.checkpoint_every and (c.step % cfg.checkpoint_every == 0
-                                             or c.step == total):
-                    meta = {"step": c.step, "epoch": c.step // spe, "position": c.step % spe,
-                            "config": cfg.to_dict(), "restarts": state["restarts"],
-                            "data_order": {"seed": cfg.seed, "steps_per_epoch": spe}}
-                    last_ckpt[0] = save_checkpoint(run_dir, c.step, c.resolved(), meta,
-                                                   keep=cfg.keep_checkpoints)
-
-            def on_restart(why: str):
-                state["restarts"] += 1
-                exporter.inc_restarts()
-                progress.write(f"worker failure: {why}; restarting the group from step "
-                               f"{coordinator.commit.step}")
-
-            spec = GroupSpec(cfg, None, n_out, loss, total,
-                             faults_json=os.environ.get("DISTBACKPROP_TEST_FAULTS"),
-                             stream=bundle.stream, n_in=bundle.n_features)
-            if group_factory is None and cfg.local:
-                def group_factory():
-                    return LocalGroup(spec, bundle.x_train, bundle.y_train)
-            elif group_factory is None:
-                if bundle.stream is None:
-                    from ..data import write_cache
-                    spec.cache_path = str(write_cache(bundle, run_dir / ".cache"))
-
-                def group_factory():
-                    return RayGroup(spec, cfg.rendezvous_timeout)
-
-            coordinator = Coordinator(
-                cfg, group_factory, total, commit, probe, spe,
-                CoordinatorHooks(on_chunk=on_chunk, on_commit=on_commit, on_restart=on_restart,
-                                 progress=progress.update))
+            prep.run_dir.create()
+            prep.run_dir.write_config(cfg)
+            observer = RunObserver(prep, model, exporter)
+            coordinator = self._coordinator(prep, model, observer, stop,
+                                            factory or _default_factory(prep))
             try:
                 final = coordinator.run()
             except TrainingFailed as exc:
-                history.write(run_dir / "history.parquet")
-                where = last_ckpt[0] or _newest_checkpoint(run_dir)
-                raise TrainingFailed(
-                    f"{exc}. Last good checkpoint: "
-                    f"{where if where else 'none (use --checkpoint-every to write them)'}"
-                ) from None
+                where = observer.save_on_failure(coordinator)
+                raise TrainingFailed(f"{exc}. Last good checkpoint: {where or 'none'}") from None
         except BaseException:
             exporter.stop()
             raise
         finally:
-            if progress is not None:
-                progress.close()
+            stop.restore()
+            if observer is not None:
+                observer.progress.close()
             if started_ray:
-                import ray
-                ray.shutdown()
-        startup = (coordinator.stats.first_step_start or time.time()) - self.started
+                from .raysession import stop_ray
+                stop_ray()
+        return observer.finish(coordinator, final, stop, self.started)
 
-        model = build_model(cfg, bundle.n_features, n_out)
-        model.params[...] = final.resolved()["params"]
-        summary = _summary(cfg, bundle, loss, model, coordinator, spe, startup, self.started,
-                           state["restarts"])
-        meta = bundle.model_meta()
-        meta.update({"loss": loss, "config": cfg.to_dict()})
-        model.save(run_dir / "model.npz", meta=meta)
-        history.write(run_dir / "history.parquet")
-        if len(memhist):
-            memhist.write(run_dir / "memory.parquet")
-        tmp = run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
-        exporter.set_workers(0)  # training is over: TrainingStalled must not fire while lingering
-        if cfg.metrics_linger and exporter.enabled:
-            progress.write(f"metrics stay at {exporter.url} for {cfg.metrics_linger:g} s")
-        exporter.stop(linger=cfg.metrics_linger)
-        return Result(summary, history.to_table(), model, run_dir,
-                      tuple(coordinator.worker_pids))
+    def _coordinator(self, prep: PreparedRun, model, observer: RunObserver, stop: StopRequest,
+                     factory: GroupFactory) -> Coordinator:
+        cfg = prep.config
+        placement = make_placement(prep.spec, model, prep.steps_per_epoch)
+        if prep.resume is not None:
+            commit = Commit(prep.resume.step, prep.resume.arrays,
+                            int(prep.resume.meta.get("consecutive_skips", 0)))
+        else:  # step 0: the seeded initial parameters and a zero optimizer state
+            commit = Commit(0, {"params": model.params.copy(),
+                                **prep.spec.build_rule(model).state()})
+        cache = None
+        if self.group_factory is None and not cfg.local and prep.bundle.stream is None:
+            from ..data import write_cache  # Ray actors on this node memory-map it
+            cache = str(write_cache(prep.bundle, prep.run_dir.cache_dir))
+        group_spec = GroupSpec(prep.spec, cache, os.environ.get("DISTBACKPROP_TEST_FAULTS"))
+        return Coordinator(cfg, lambda size: factory(group_spec, size), placement,
+                           prep.total_steps, commit, observer, stop=stop)
 
 
-def total_steps(cfg: TrainConfig, bundle) -> tuple[int, int]:
-    """(total steps, steps per epoch): `--max-steps` when given (it overrides --epochs).
-
-    Streaming: every rank takes the same number of steps per epoch (the
-    minimum over ranks), which depends on the number of workers.
-    """
-    from .worker import make_batcher
-    b = make_batcher(cfg, bundle.x_train, bundle.y_train, bundle.stream, 0, cfg.world_size)
-    spe = b.steps_per_epoch
-    if hasattr(b, "close"):
-        b.close()
-    return (cfg.max_steps if cfg.max_steps else cfg.epochs * spe), spe
+def _default_factory(prep: PreparedRun) -> GroupFactory:
+    cfg, bundle = prep.config, prep.bundle
+    if cfg.local:
+        return lambda spec, size: LocalGroup(spec, bundle.x_train, bundle.y_train)
+    return lambda spec, size: RayGroup(spec, size, cfg.rendezvous_timeout)
 
 
-def _summary(cfg, bundle, loss, model, coordinator, spe, startup, started,
-             restarts) -> dict[str, Any]:
+class RunObserver:
+    """The coordinator's reports, turned into metrics, history, checkpoints and progress."""
+
+    def __init__(self, prep: PreparedRun, model, exporter):
+        from ..metrics.history import HistoryWriter, MemoryHistory
+        from ..metrics.memory import model_bytes
+
+        self.prep, self.cfg, self.model, self.exporter = prep, prep.config, model, exporter
+        self.history = HistoryWriter(model.layer_names)
+        self.memory = MemoryHistory()
+        self.restarts = 0
+        self.resizes = 0
+        self.workers_seen: list[int] = []
+        self.last_checkpoint: Path | None = None
+        rd = prep.run_dir
+        if prep.resume is not None:
+            step = prep.resume.step
+            self.restarts = int(prep.resume.meta.get("restarts", 0))
+            if rd.history_path.exists():
+                self.history.extend_from_parquet(rd.history_path, upto_step=step)
+            if rd.memory_path.exists():
+                self.memory = MemoryHistory.from_file(rd.memory_path, before_step=step)
+        opt_bytes = prep.spec.build_rule(model).state_bytes()
+        exporter.set_model_bytes(model_bytes(model.params, model.grads,
+                                             {"opt": np.zeros(opt_bytes, np.uint8)}))
+        exporter.set_workers(self.cfg.world_size)
+        exporter.vanish_threshold.set(self.cfg.vanish_threshold)  # before the first chunk
+        exporter.explode_threshold.set(self.cfg.explode_threshold)
+        self.progress = _Progress(prep.total_steps, prep.resume.step if prep.resume else 0,
+                                  quiet=self.cfg.quiet)
+        for note in prep.bundle.notes:
+            self.progress.write(f"data: {note}")
+        for warning in getattr(prep.bundle, "warnings", ()):
+            print(f"distbackprop: warning: {warning}", file=sys.stderr)
+        self._t_chunk = time.time()
+
+    def on_chunk(self, stats: dict[str, np.ndarray], memory: dict[int, dict],
+                 workers: int) -> None:
+        now = time.time()
+        k = len(stats["step"])
+        self.history.append({**stats, "workers": np.full(k, workers, np.int64)})
+        self.exporter.record_chunk(stats, self.cfg.vanish_threshold, self.cfg.explode_threshold,
+                                   wall_seconds=now - self._t_chunk)
+        self._t_chunk = now
+        self.exporter.record_workers(memory)
+        self.exporter.set_workers(workers)
+        if self.workers_seen and workers != self.workers_seen[-1]:
+            self.resizes += 1
+        self.workers_seen.append(workers)
+        if k:
+            self.memory.append(int(stats["step"][-1]), memory)
+            self.progress.update(int(stats["step"][-1]) + 1, float(stats["loss"][-1]))
+
+    def on_commit(self, commit: Commit) -> None:
+        every, total = self.cfg.checkpoint_every, self.prep.total_steps
+        if every and (commit.step % every == 0 or commit.step == total):
+            self.checkpoint(commit)
+
+    def on_restart(self, why: str, reason: str, resume_step: int) -> None:
+        self.restarts += 1
+        self.exporter.inc_restarts(reason=reason)
+        self.progress.write(f"worker failure: {why}; restarting the group from step "
+                            f"{resume_step}")
+
+    def checkpoint(self, commit: Commit) -> Path:
+        spe = self.prep.steps_per_epoch
+        c = self.cfg
+        meta = {"step": commit.step, "epoch": commit.step // spe, "position": commit.step % spe,
+                "config": c.to_dict(), "restarts": self.restarts,
+                "consecutive_skips": commit.consecutive_skips,
+                "data_order": {"seed": c.seed, "steps_per_epoch": spe}}
+        self.last_checkpoint = self.prep.run_dir.save_checkpoint(
+            commit.step, commit.resolved(), meta, keep=c.keep_checkpoints)
+        return self.last_checkpoint
+
+    def save_on_failure(self, coordinator: Coordinator) -> Path | None:
+        """The history so far, and a checkpoint of the newest commit held on this node."""
+        rd = self.prep.run_dir
+        self.history.write(rd.history_path)
+        try:
+            safe = coordinator.keeper.safe(timeout=10)
+            if safe.step > 0 and (self.last_checkpoint is None
+                                  or not self.last_checkpoint.name.endswith(f"{safe.step:08d}")):
+                self.checkpoint(safe)
+        except Exception:  # noqa: BLE001 - the failure being reported matters more
+            pass
+        return self.last_checkpoint or rd.newest_checkpoint_path()
+
+    def finish(self, coordinator: Coordinator, final: Commit, stop: StopRequest,
+               started: float) -> Result:
+        """Write model, history, memory, summary (and, when stopped, a checkpoint)."""
+        prep, rd = self.prep, self.prep.run_dir
+        interrupted = coordinator.state is State.STOPPED
+        if interrupted and final.step > 0:
+            self.checkpoint(final)
+        self.model.params[...] = final.resolved()["params"]
+        summary = _summary(prep, self.model, coordinator, self, started, interrupted)
+        meta = prep.bundle.model_meta()
+        meta.update({"loss": prep.spec.loss, "config": self.cfg.to_dict()})
+        rd.write_model(self.model, meta)
+        self.history.write(rd.history_path)
+        if len(self.memory):
+            self.memory.write(rd.memory_path)
+        rd.write_summary(summary)
+        self.exporter.set_workers(0)  # over: TrainingStalled must not fire while lingering
+        linger = 0.0 if interrupted else self.cfg.metrics_linger
+        if linger and self.exporter.enabled:
+            self.progress.write(f"metrics stay at {self.exporter.url} for {linger:g} s")
+        self.exporter.stop(linger=linger)
+        return Result(summary, self.history.to_table(), self.model, rd.path,
+                      tuple(coordinator.worker_pids),
+                      exit_status=(stop.exit_status or 130) if interrupted else 0)
+
+
+def _summary(prep: PreparedRun, model, coordinator: Coordinator, obs: RunObserver,
+             started: float, interrupted: bool) -> dict[str, Any]:
     from ..nn.losses import loss_value
-    st = coordinator.stats
+    st, bundle, loss = coordinator.stats, prep.bundle, prep.spec.loss
     train_seconds = max((st.last_step_end or 0) - (st.first_step_start or 0), 1e-9)
+    seen = obs.workers_seen or [prep.config.world_size]
     out: dict[str, Any] = {
-        "train_loss": summarize_losses(st.losses, spe),
+        "train_loss": summarize_losses(st.losses, prep.steps_per_epoch),
         "val_loss": None,
         "steps": coordinator.commit.step,
-        "epochs": coordinator.commit.step / spe,
+        "epochs": coordinator.commit.step / prep.steps_per_epoch,
         "samples_per_second": st.samples / train_seconds,
-        "startup_seconds": startup,
+        "startup_seconds": (st.first_step_start or time.time()) - started,
         "wall_seconds": time.time() - started,
-        "workers": cfg.world_size,
-        "restarts": restarts,
+        "workers": seen[-1],
+        "restarts": obs.restarts,
+        "resizes": obs.resizes,
+        "min_workers_seen": min(seen),
         "recovery_seconds": st.recovery_seconds,
         "failures": st.failures,
         "skipped_steps": st.skipped,
         "coordination_seconds_per_step": st.coordination_seconds_per_step(),
+        "status": "interrupted" if interrupted else "finished",
         "loss": loss,
         "task": bundle.task,
     }
@@ -293,70 +353,59 @@ def _summary(cfg, bundle, loss, model, coordinator, spe, startup, started,
             pred = (y_hat[:, 0] > 0).astype(np.int64) if y_hat.shape[1] == 1 else \
                 y_hat.argmax(axis=1)
             out["val_accuracy"] = float(np.mean(pred == bundle.y_val))
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in out.items()}
+    return out
 
 
-def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+def _resume_point(cfg: TrainConfig) -> tuple[RunDir, Checkpoint | None]:
+    """The run directory, and the checkpoint to continue from (None: start fresh).
+
+    `--resume DIR` must find a checkpoint; `--resume auto` continues `--out DIR`
+    when it holds one and starts fresh otherwise.
+    """
+    if cfg.resume is None:
+        return RunDir(cfg.out), None
+    if cfg.resume == "auto":
+        rd = RunDir(cfg.out)
+        if not rd.config_path.exists():
+            return rd, None
+        return rd, rd.latest_checkpoint()
+    rd = RunDir(cfg.resume)
+    found = rd.latest_checkpoint()
+    if found is None:
+        raise ConfigError(f"resume: no valid checkpoint under {rd.path}/checkpoints")
+    return rd, found
+
+
+def _resumed_config(cfg: TrainConfig, rd: RunDir) -> TrainConfig:
     """Fields that fix the model and data order come from the run being resumed."""
-    import yaml
-    path = Path(cfg.resume) / "config.yaml"
-    if not path.exists():
-        raise ConfigError(f"resume: {path} not found (not a distbackprop run directory)")
-    saved = TrainConfig.from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
-    changed = [f for f in _RESUME_FIXED if getattr(cfg, f) != getattr(TrainConfig(), f)
+    saved = rd.read_config()
+    default = TrainConfig()
+    changed = [f for f in _RESUME_FIXED if getattr(cfg, f) != getattr(default, f)
                and getattr(cfg, f) != getattr(saved, f)]
     if changed:
         raise ConfigError([f"{f}: cannot change when resuming (run has "
                            f"{getattr(saved, f)!r}, asked {getattr(cfg, f)!r})"
                            for f in changed])
-    merged = cfg.replace(**{f: getattr(saved, f) for f in _RESUME_FIXED})
-    return merged, {"config": saved}
+    return cfg.replace(**{f: getattr(saved, f) for f in _RESUME_FIXED})
 
 
-def _newest_checkpoint(run_dir: Path) -> Path | None:
-    from ..checkpoint import list_checkpoints
-    cps = list_checkpoints(run_dir)
-    return cps[-1] if cps else None
-
-
-def _write_yaml(path: Path, cfg: TrainConfig) -> None:
-    import yaml
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
-
-
-def _ensure_ray(cfg: TrainConfig) -> bool:
-    """Join `--ray-address`/RAY_ADDRESS, reuse an initialised Ray, or start a local one.
-
-    Returns True when this call started Ray (and so must shut it down).
-    """
-    import ray
-    if ray.is_initialized():
-        return False
-    # Ray's usage-stats report tries to reach the internet at start-up; on a closed
-    # network that costs seconds of start-up (measured here: ray.init 8.9 s → 4.0 s).
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = cfg.effective_ray_address
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        need = cfg.workers * cfg.cpus_per_worker
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), **kwargs)
-    return True
-
-
-def _check_capacity(cfg: TrainConfig) -> None:
-    """Refuse, before any actor starts, a group the cluster can never place."""
-    import ray
-    have = ray.cluster_resources().get("CPU", 0)
-    need = cfg.workers * cfg.cpus_per_worker
+def _start_ray(cfg: TrainConfig) -> bool:
+    """Join `--ray-address`/RAY_ADDRESS or start a private instance; refuse a group the
+    cluster can never place. Returns True when Ray was started here."""
+    from .raysession import RayUnreachable, cluster_cpus, start_ray, stop_ray
+    need = cfg.min_workers * cfg.cpus_per_worker
+    try:
+        started = start_ray(cfg.effective_ray_address,
+                            max(os.cpu_count() or 1, cfg.max_workers * cfg.cpus_per_worker))
+    except RayUnreachable as exc:
+        raise TrainingFailed(str(exc)) from None
+    have = cluster_cpus()
     if need > have:
-        raise ConfigError(f"workers: {cfg.workers} workers × {cfg.cpus_per_worker} CPU need "
-                          f"{need} CPUs; the Ray cluster has {have:g}")
+        if started:
+            stop_ray()
+        raise ConfigError(f"workers: {cfg.min_workers} workers × {cfg.cpus_per_worker} CPU "
+                          f"need {need} CPUs; the Ray cluster has {have:g}")
+    return started
 
 
 class _Progress:
@@ -388,4 +437,4 @@ class _Progress:
             self.bar.close()
 
 
-__all__ = ["Trainer", "Result", "TrainingFailed"]
+__all__ = ["GroupFactory", "PreparedRun", "Result", "RunObserver", "Trainer", "TrainingFailed"]

@@ -17,7 +17,7 @@ from distbackprop.metrics.exporter import PHASE_BUCKETS, MetricsExporter
 from distbackprop.metrics.health import PHASES
 from tests.metrics.synth import LAYERS, synthetic_chunk
 
-CONTRACT = {  # CONTRACT.md's table: name → (type, labels)
+CONTRACT = {  # the README's metrics table: name → (type, labels)
     "distbackprop_steps_total": ("counter", ()),
     "distbackprop_samples_total": ("counter", ()),
     "distbackprop_loss": ("gauge", ()),
@@ -34,7 +34,7 @@ CONTRACT = {  # CONTRACT.md's table: name → (type, labels)
     "distbackprop_activation_bytes": ("gauge", ("worker",)),
     "distbackprop_model_bytes": ("gauge", ("kind",)),
     "distbackprop_workers": ("gauge", ()),
-    "distbackprop_worker_restarts_total": ("counter", ()),
+    "distbackprop_worker_restarts_total": ("counter", ("reason",)),
 }
 
 
@@ -145,8 +145,13 @@ def test_workers_model_bytes_restarts():
     exp.set_workers(2)
     assert g("distbackprop_workers") == 2
     exp.inc_restarts()
-    exp.inc_restarts()
-    assert g("distbackprop_worker_restarts_total") == 2
+    exp.inc_restarts(reason="node_lost")
+    exp.inc_restarts(reason="node_lost")
+    assert g("distbackprop_worker_restarts_total", {"reason": "death"}) == 1
+    assert g("distbackprop_worker_restarts_total", {"reason": "node_lost"}) == 2
+    assert g("distbackprop_worker_restarts_total", {"reason": "resize"}) == 0
+    with pytest.raises(ValueError, match="reason"):
+        exp.inc_restarts(reason="gremlins")
 
 
 def test_series_count_does_not_grow_with_steps():

@@ -100,7 +100,9 @@ def test_max_failures_exits_1_naming_the_checkpoint(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert elapsed < 60 + 15  # the run itself, plus Ray's own start-up
     assert "Last good checkpoint:" in r.stderr
-    assert "checkpoints/step-00000012" in r.stderr, r.stderr[-2000:]
+    # The failure itself saves the last commit (step 14), newer than the periodic one (12).
+    assert "checkpoints/step-00000014" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000014" / "manifest.json").exists()
     assert "rank 0" in r.stderr
     time.sleep(2)
     left = [p for p in _ray_pids() - before
