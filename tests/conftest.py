@@ -45,6 +45,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
     ctx = ray.init(
+        address="local",  # never a cluster found through Ray's address file
         num_cpus=RAY_TEST_CPUS,
         include_dashboard=False,
         log_to_driver=False,

@@ -300,9 +300,10 @@ class Coordinator:
         self.keeper.offer(commit)
         self.observer.on_chunk(stats, res.memory, self.group.size)
         self.observer.on_commit(commit)
-        if n:
-            why = self.policy.failure(commit.consecutive_skips, bool(stats["skipped"][-1]),
-                                      int(stats["step"][-1]))
+        skipped = np.flatnonzero(stats["skipped"])
+        if skipped.size:  # the policy's verdict on the chunk's first skip, then its last step
+            why = self.policy.failure(1, True, int(stats["step"][skipped[0]])) or \
+                self.policy.failure(commit.consecutive_skips, True, int(stats["step"][-1]))
             if why is not None:
                 raise TrainingFailed(why)
 

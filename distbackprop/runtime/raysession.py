@@ -46,6 +46,7 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several types here
@@ -55,6 +56,25 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     else:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a `host:port` nobody listens on (`ray.init` would retry for minutes)."""
+    import socket
+    import time
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray:// client addresses: leave them to Ray
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                return
+        except OSError as exc:
+            if time.monotonic() >= end:
+                raise RayUnreachable(f"cannot join the Ray cluster at {address}: nothing "
+                                     f"answers there ({exc.strerror or exc})") from None
+            time.sleep(0.5)
 
 
 def stop_ray() -> None:

@@ -1,0 +1,170 @@
+"""The `Coordinator` state machine, driven by an in-process fake group (no Ray, no model).
+
+The fake's "training" adds 1 to a one-element state per step, so the commit
+after N steps is exactly N, whatever the failures on the way.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from distbackprop.config import TrainConfig
+from distbackprop.metrics.health import StepStats
+from distbackprop.runtime.coordinator import Commit, Coordinator, State, TrainingFailed
+from distbackprop.runtime.group import WorkerFailure
+from distbackprop.runtime.placement import Replicated
+
+LAYERS = ["dense0"]
+
+
+class FakeGroup:
+    """A `WorkerGroup` whose replicas count steps; told to die, hang or diverge at a step."""
+
+    interrupt = None
+
+    def __init__(self, script: dict, size: int, log: list):
+        self.script, self.size, self.log = script, size, log
+        self.value = None
+
+    def start(self) -> None:
+        self.log.append(("start", self.size))
+        if self.script.pop("fail_start", False):
+            raise WorkerFailure("rank 1 never joined", [1], "hang")
+
+    def load_state(self, state) -> None:
+        self.value = state["params"].copy()
+
+    def run_chunk(self, start: int, k: int, consecutive: int, deadline: float):
+        if self.value is None:
+            self.value = np.zeros(1)
+        stats = StepStats(k, LAYERS)
+        for step in range(start, start + k):
+            for kind, reason in (("die_at", "death"), ("hang_at", "hang")):
+                if step in self.script.get(kind, set()):
+                    self.script[kind].discard(step)
+                    raise WorkerFailure(f"rank 0 {reason} at step {step}", [0], reason)
+            skipped = step in self.script.get("nan_at", ())
+            if not skipped:
+                self.value += 1
+            consecutive = consecutive + 1 if skipped else 0
+            stats.record(step=step, epoch=0, loss=float(step), samples=4, lr=0.1,
+                         health={"grad_global_norm": 1.0, "grad_norm": [1.0],
+                                 "grad_max_abs": 1.0, "nonfinite": int(skipped)},
+                         update_ratio=None, skipped=skipped, step_seconds=1e-4,
+                         phase_seconds=[0, 0, 0, 0, 0])
+            if consecutive >= 3:
+                break
+        crcs = [1.0] * self.size
+        if start + k - 1 in self.script.get("diverge_at", ()):
+            crcs[-1] = 2.0
+        results = [{"rank": r, "stats": stats.as_dict(), "memory": {}, "checksum": crcs[r],
+                    "consecutive_skips": consecutive} for r in range(self.size)]
+        return results, {"params": self.value.copy()}
+
+    def grad_step(self, *a):  # pragma: no cover - replicated placement only
+        raise AssertionError
+
+    def shutdown(self, graceful: bool = False) -> None:
+        self.log.append(("shutdown", graceful))
+
+
+class Recorder:
+    def __init__(self, coordinator_ref: list):
+        self.ref, self.states, self.chunks, self.restarts = coordinator_ref, [], [], []
+
+    def on_chunk(self, stats, memory, workers):
+        self.chunks.append((int(stats["step"][0]), len(stats["step"]), workers))
+        self.states.append(self.ref[0].state)
+
+    def on_commit(self, commit):
+        pass
+
+    def on_restart(self, why, reason, resume_step):
+        self.restarts.append((reason, resume_step))
+        self.states.append(self.ref[0].state)
+
+
+def _run(script: dict, total: int = 20, stop=None, **cfg):
+    log: list = []
+    ref: list = []
+    rec = Recorder(ref)
+    config = TrainConfig(chunk_steps=4, max_failures=cfg.pop("max_failures", 3), **cfg)
+    c = Coordinator(config, lambda size: FakeGroup(script, size, log), Replicated(), total,
+                    Commit(0, {"params": np.zeros(1)}), rec, stop=stop)
+    ref.append(c)
+    return c, rec, log
+
+
+def test_finishes_in_chunks():
+    c, rec, log = _run({})
+    final = c.run()
+    assert c.state is State.FINISHED
+    assert final.step == 20 and final.resolved()["params"][0] == 20
+    assert [s for s, _, _ in rec.chunks] == [0, 4, 8, 12, 16]
+    assert all(s is State.RUNNING for s in rec.states)
+    assert log == [("start", 2), ("shutdown", True)]
+
+
+@pytest.mark.parametrize("kind,reason", [("die_at", "death"), ("hang_at", "hang")])
+def test_a_failure_recovers_from_the_last_commit(kind, reason):
+    c, rec, log = _run({kind: {9}})
+    final = c.run()
+    assert c.state is State.FINISHED
+    assert final.step == 20 and final.resolved()["params"][0] == 20  # no step lost or doubled
+    assert rec.restarts == [(reason, 8)]
+    assert rec.states[rec.states.index(State.RECOVERING) + 1] is State.RUNNING
+    assert c.stats.restarts == 1 and c.stats.failures[0]["reason"] == reason
+    assert log.count(("shutdown", False)) == 1  # the failed group was killed
+
+
+def test_a_group_that_never_forms_counts_as_a_failure():
+    c, rec, _ = _run({"fail_start": True})
+    assert c.run().step == 20
+    assert rec.restarts == [("hang", 0)]
+
+
+def test_too_many_failures_fail_the_run():
+    c, _, _ = _run({"die_at": {5, 6, 7}}, max_failures=2)
+    with pytest.raises(TrainingFailed, match="giving up after 3 failure"):
+        c.run()
+    assert c.state is State.FAILED
+
+
+def test_diverged_replicas_fail_the_run():
+    c, _, _ = _run({"diverge_at": {7}})
+    with pytest.raises(TrainingFailed, match="replicas diverged"):
+        c.run()
+    assert c.state is State.FAILED
+
+
+def test_a_stop_request_ends_at_a_chunk_boundary():
+    t = []
+    c, rec, _ = _run({}, stop=lambda: t[0] if t else None)
+    rec.on_commit = lambda commit: t.append(time.monotonic()) if commit.step == 8 else None
+    final = c.run()
+    assert c.state is State.STOPPED
+    assert final.step == 8 and final.resolved()["params"][0] == 8
+
+
+def test_consecutive_skips_count_across_chunks_and_fail_the_run():
+    # steps 7, 8, 9 are skipped: the count crosses the chunk boundary at 8
+    c, _, _ = _run({"nan_at": {7, 8, 9}})
+    with pytest.raises(TrainingFailed, match="3 consecutive steps skipped"):
+        c.run()
+    assert c.commit.step == 10 and c.commit.consecutive_skips == 3
+
+
+def test_the_skip_count_survives_a_restart():
+    # 7 skipped, then a death at 8 rewinds to the commit at 8 (count 1); 8 and 9 skipped → 3
+    c, _, _ = _run({"nan_at": {7, 8, 9}, "die_at": {8}})
+    with pytest.raises(TrainingFailed, match="3 consecutive"):
+        c.run()
+
+
+def test_abort_on_the_first_nonfinite_step():
+    c, _, _ = _run({"nan_at": {5}}, on_nonfinite="abort")
+    with pytest.raises(TrainingFailed, match="non-finite gradient at step 5"):
+        c.run()

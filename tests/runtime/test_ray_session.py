@@ -1,0 +1,88 @@
+"""A Ray cluster already running on the machine (or only its stale address file) changes
+nothing for `distbackprop train` without an address: it starts a private instance."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import require_tool, run_cli
+
+ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records its head
+TRAIN = ("train", "--workers", "2", "--hidden", "8", "--max-steps", "20", "--metrics-port",
+         "0", "--quiet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def address_file_restored():
+    old = ADDRESS_FILE.read_text() if ADDRESS_FILE.exists() else None
+    yield
+    if old is None:
+        ADDRESS_FILE.unlink(missing_ok=True)
+    else:
+        ADDRESS_FILE.write_text(old)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_beside_a_running_head(tmp_path, address_file_restored):
+    ray_bin = require_tool("ray")
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", "--block"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+                ADDRESS_FILE.exists() and ADDRESS_FILE.read_text().strip().endswith(f":{port}")):
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(0.2)
+        recorded = ADDRESS_FILE.read_text()
+        assert recorded.strip().endswith(f":{port}")
+        r = run_cli(*TRAIN, "--out", str(tmp_path / "a"), env={"RAY_ADDRESS": "",
+                                                                "RAY_AUTH_MODE": "disabled"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        assert head.poll() is None, "the running head was disturbed"
+        assert ADDRESS_FILE.read_text() == recorded  # its address file too
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head's own session: only what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+@pytest.mark.ray
+def test_train_with_a_stale_address_file(tmp_path, address_file_restored):
+    ADDRESS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    ADDRESS_FILE.write_text(f"127.0.0.1:{_free_port()}")  # a head that is gone
+    r = run_cli(*TRAIN, "--out", str(tmp_path / "b"), env={"RAY_ADDRESS": "",
+                                                            "RAY_AUTH_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_an_unreachable_address_is_exit_1_naming_it(tmp_path):
+    addr = f"127.0.0.1:{_free_port()}"
+    r = run_cli(*TRAIN, "--out", str(tmp_path / "c"), "--ray-address", addr,
+                env={"RAY_AUTH_MODE": "disabled"}, timeout=200)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"cannot join the Ray cluster at {addr}" in r.stderr
+    assert "Traceback" not in r.stderr
