@@ -201,9 +201,10 @@ class CheckpointedMLP:
         self._ckpt[0] = None
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, loss: str = "cross_entropy",
-                      denom: float | None = None, on_layer_done=None) -> float:
+                      denom: float | None = None, on_layer_done=None,
+                      label_smoothing: float = 0.0) -> float:
         """Forward, loss, backward (as `Sequential.loss_and_grad`): Σ_rows ℓ / denom."""
-        return forward_loss_backward(self, x, y, loss, denom, on_layer_done)
+        return forward_loss_backward(self, x, y, loss, denom, on_layer_done, label_smoothing)
 
     def release_(self) -> None:
         """Drop the checkpoints without a backward."""
