@@ -212,7 +212,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     # np.load sniffs the magic bytes itself and, failing that, tries to unpickle the whole
     # file (refused here); insisting on a zip first gives an exact message.
     if not zipfile.is_zipfile(path):
-        raise bad("not an .npz (zip) archive")
+        raise bad("not an .npz (zip) archive, or truncated (no zip directory at its end)")
     data: dict[str, np.ndarray] = {}
     try:
         with np.load(path, allow_pickle=False) as z:
