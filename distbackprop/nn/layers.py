@@ -165,16 +165,17 @@ class Activation(Layer):
         return self._ws.nbytes()
 
     def apply_(self, z: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - interface
-        """out ← σ(z)."""
+        """out ← σ(z); z, out: (batch, width)."""
         raise NotImplementedError
 
     def grad_(self, cache: np.ndarray, dh: np.ndarray,
               dz: np.ndarray) -> None:  # pragma: no cover - interface
-        """dz ← dh ⊙ σ′(z); `cache` is σ(z) if `uses_output` else z."""
+        """dz ← dh ⊙ σ′(z); `cache` is σ(z) if `uses_output` else z. All (batch, width)."""
         raise NotImplementedError
 
     def second(self, z: np.ndarray) -> np.ndarray | None:
-        """σ″(z), or None: σ″ = 0 wherever it exists (piecewise-linear or piecewise-constant)."""
+        """σ″(z): (batch, width) → (batch, width), or None: σ″ = 0 wherever it exists
+        (piecewise-linear or piecewise-constant σ)."""
         return None
 
 
