@@ -291,6 +291,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
 
     from .data import load_training_data
     from .nn import LOSSES, MLP, gradcheck
+    from .nn.layers import STRAIGHT_THROUGH
     from .runtime.trainer import output_size
     values = {k: getattr(args, k) for k in TrainConfig.field_names() if k in vars(args)}
     cfg = TrainConfig.from_dict({**values, "dtype": "float64", "val_fraction": 0.0}).validate()
@@ -302,16 +303,22 @@ def _gradcheck(args: argparse.Namespace) -> int:
         lo for lo in LOSSES if (lo == "cross_entropy") == (bundle.task == "classification")
         and not (lo == "bce" and bundle.task == "classification" and bundle.n_outputs != 2)]
     ok = True
+    if cfg.activation in STRAIGHT_THROUGH:
+        print(f"note: {cfg.activation} is a straight-through estimator: its backward is a "
+              "surrogate, not the derivative, so finite differences are not expected to agree")
     print(f"{'loss':<14} {'parameter':<12} {'shape':<12} {'rel. error':>11}")
     for loss in losses:
         n_out = output_size(loss, bundle.task, bundle.n_outputs)
         model = MLP([x.shape[1], *cfg.hidden, n_out], activation=cfg.activation,
-                    dtype=np.float64, seed=cfg.seed, init=cfg.resolved_init)
+                    dtype=np.float64, seed=cfg.seed, init=cfg.resolved_init,
+                    quantize_bits=cfg.quantize_bits)
         res = gradcheck(model, x, y, loss)
         for name, err in res.per_param.items():
             shape = "×".join(map(str, model.buffer.shapes[name]))
             flag = "" if err < args.tol else "  MISMATCH"
-            print(f"{loss:<14} {name:<12} {shape:<12} {err:>11.2e}{flag}")
+            kinked = (f"  ({res.kinks[name]} entries excluded: stencil crosses a kink)"
+                      if name in res.kinks else "")
+            print(f"{loss:<14} {name:<12} {shape:<12} {err:>11.2e}{flag}{kinked}")
         ok &= res.ok(args.tol)
         print(f"{loss:<14} {'all':<12} {res.n_checked:<12} {res.rel_error:>11.2e}")
     print("gradcheck: " + ("OK" if ok else f"FAILED (tolerance {args.tol:g})"))

@@ -15,7 +15,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus", "identity")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus", "identity",
+               "hardtanh", "sign", "round")
 INITS = ("he", "xavier", "normal")
 LOSSES = ("mse", "cross_entropy", "bce")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
@@ -43,8 +44,10 @@ class TrainConfig:
     init: str | None = None
     dtype: str = "float32"
     remat_every: int | None = None
+    quantize_bits: int | None = None
     # loss
     loss: str | None = None
+    label_smoothing: float = 0.0
     # optimization
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -204,6 +207,19 @@ class TrainConfig:
     def _relation_problems(self) -> list[str]:
         """Ranges that are not plain signs, and fields that must agree with each other."""
         p: list[str] = []
+        if self.quantize_bits is not None and self.activation != "round":
+            p.append(f"quantize_bits: only meaningful with activation 'round', "
+                     f"not {self.activation!r}")
+        elif self.quantize_bits is not None and not 1 <= self.quantize_bits <= 16:
+            p.append(f"quantize_bits: must be an integer in 1..16, got {self.quantize_bits!r}")
+        elif self.quantize_bits is None and self.activation == "round":
+            p.append("quantize_bits: required with activation 'round' (K in 1..16)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            p.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
+        elif self.label_smoothing and self.loss not in (None, "cross_entropy"):
+            # loss None is chosen from the task later; the trainer checks it then.
+            p.append(f"label_smoothing: only meaningful with loss 'cross_entropy', "
+                     f"not {self.loss!r}")
         if not 0.0 <= self.momentum < 1.0:
             p.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if not 0.0 < self.lr_gamma <= 1.0:

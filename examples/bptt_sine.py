@@ -3,7 +3,9 @@
 An Elman RNN (h_t = tanh(W_x x_t + W_h h_{t−1} + b), ŷ_t = W_o h_t + b_o) learns to predict
 x_{t+1} from x_1..x_t for sines of random frequency and phase. Prints the validation loss of
 full and truncated BPTT, and ‖∂L/∂h_t‖ per time step (bucketed) for a loss on the last step
-only, where vanishing over time shows.
+only, where vanishing over time shows. Exits non-zero unless both trainings cut the validation
+loss at least 20-fold, the gradient reaching h_1 is below a tenth of that at h_T, and
+truncation to k steps leaves exactly zero gradient before the last k.
 
     python examples/bptt_sine.py --small
 """
@@ -43,11 +45,11 @@ def main() -> None:
     steps, hidden, seq = (150, 16, 30) if args.small else (1500, 32, 60)
 
     print(f"sine forecast: T={seq}, hidden={hidden}, {steps} Adam steps, batch 16")
-    results = {}
+    results, curves = {}, {}
     for label, k in (("full BPTT", None), (f"truncated k={args.truncate}", args.truncate)):
         t0 = time.perf_counter()
         model, curve = train(k, steps, hidden, seq, 16)
-        results[label] = model
+        results[label], curves[label] = model, curve
         print(f"  {label:<16} val loss {curve[0]:.4f} -> {curve[-1]:.5f}  "
               f"({time.perf_counter() - t0:.1f} s)  curve: "
               + " ".join(f"{v:.4f}" for v in curve))
@@ -62,8 +64,18 @@ def main() -> None:
     print("  loss on last step: ", _fmt(bucket_time_norms(last, 4)))
     print(f"  last-step loss: gradient reaching h_1 is {last[0] / last[-1]:.2e} of that at h_T")
     model.loss_and_grad(x, y[:, -1], "mse", last_only=True, truncate=args.truncate)
-    print(f"  with truncate={args.truncate}:  ",
-          _fmt(bucket_time_norms(model.time_grad_norms, 4)))
+    truncated = model.time_grad_norms
+    print(f"  with truncate={args.truncate}:  ", _fmt(bucket_time_norms(truncated, 4)))
+
+    for label, curve in curves.items():
+        if not curve[-1] < curve[0] / 20:
+            raise SystemExit(f"FAILED: {label} val loss {curve[0]:.4f} -> {curve[-1]:.5f}, "
+                             "not cut 20-fold")
+    if not last[0] / last[-1] < 0.1:
+        raise SystemExit(f"FAILED: no vanishing: h_1 gets {last[0] / last[-1]:.2e} of h_T")
+    if np.any(truncated[:-args.truncate] != 0) or not np.all(truncated[-args.truncate:] > 0):
+        raise SystemExit(f"FAILED: truncate={args.truncate} must zero exactly the steps before "
+                         "the last k")
 
 
 def _fmt(buckets: dict[str, float]) -> str:

@@ -7,6 +7,9 @@
 2. Truncated Newton (Newton-CG, damped) on the same problem, against GD.
 3. The HVP checked against finite differences of gradients.
 
+Exits non-zero unless the HVP agrees with finite differences to 1e-6 (relative), Newton-CG
+ends below GD's loss, and the sharpness rises during GD, staying positive and below 1.1·2/η.
+
     python examples/hessian_sharpness.py --small
 """
 
@@ -41,10 +44,12 @@ def main() -> None:
     model = MLP(sizes, activation="tanh", dtype=np.float64, seed=0)
     rng = np.random.default_rng(1)
     t0 = time.perf_counter()
+    sharpness = []
     for step in range(steps + 1):
         loss = model.loss_and_grad(x, y, "mse")
         if step % every == 0:
             lam = top_eigenvalue(model, x, y, "mse", iters=100, rng=rng, tol=1e-6)
+            sharpness.append(lam)
             print(f"   {step:>6} {loss:>10.5f} {lam:>9.3f}")
         model.params[...] -= args.lr * model.grads
     gd_seconds = time.perf_counter() - t0
@@ -73,8 +78,18 @@ def main() -> None:
     model.params[...] = p0
     fd = (gp - model.grads) / (2 * eps)
     hv = hvp(model, x, y, v, "mse")
-    print(f"\n3. HVP vs finite differences of gradients: relative error "
-          f"{np.linalg.norm(hv - fd) / np.linalg.norm(fd):.2e}")
+    rel = float(np.linalg.norm(hv - fd) / np.linalg.norm(fd))
+    print(f"\n3. HVP vs finite differences of gradients: relative error {rel:.2e}")
+
+    if not rel < 1e-6:
+        raise SystemExit(f"FAILED: HVP vs finite differences {rel:.2e} ≥ 1e-6")
+    if not info["new_loss"] < loss:
+        raise SystemExit(f"FAILED: Newton-CG loss {info['new_loss']:.6f} not below GD's "
+                         f"{loss:.6f}")
+    # Sharpening up to, not past, the edge: λ_max hovers around 2/η once it gets there.
+    if not (all(0 < lam < 1.1 * 2 / args.lr for lam in sharpness)
+            and sharpness[-1] > sharpness[0]):
+        raise SystemExit(f"FAILED: sharpness did not rise within (0, 1.1·2/η): {sharpness}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ z* = tanh(W z* + U x + b) is found by fixed-point iteration; the gradient solves
 grow with their number. After each Adam step W is projected to ‖W‖₂ ≤ 0.95, which
 keeps f a contraction. Trains a classifier on two interleaved half-moons, then checks the
 IFT gradient against unrolled backprop and finite differences, and shows the error a
-non-contractive W produces.
+non-contractive W produces. Exits non-zero unless training reaches 95 % accuracy, the IFT
+gradient matches unrolled backprop to 1e-10 and finite differences to 1e-6 (relative), and the
+non-contractive W raises `FixedPointError`.
 
     python examples/implicit_layer.py --small
 """
@@ -40,6 +42,7 @@ def main() -> None:
     model = ImplicitModel(2, hidden, 2, seed=0, contraction=0.8, tol=1e-8)
     opt = make_optimizer("adam", model.params.size, np.float64)
     print(f"half-moons, n = {n}; implicit layer of {hidden} units; {steps} Adam steps")
+    acc = 0.0
     for step in range(steps + 1):
         loss = model.loss_and_grad(x, y, "cross_entropy")
         if step % (steps // 5) == 0:
@@ -58,17 +61,29 @@ def main() -> None:
     check.loss_and_grad(xs, ys, "cross_entropy")
     ift = check.grads.copy()
     check.unrolled_loss_and_grad(xs, ys, check.forward_iterations + 50, "cross_entropy")
+    unrolled = float(np.max(np.abs(check.grads - ift)))
     print(f"\nIFT vs unrolled backprop ({check.forward_iterations + 50} iterations): "
-          f"max |difference| {np.max(np.abs(check.grads - ift)):.1e}")
-    print(f"IFT vs finite differences: relative error "
-          f"{gradcheck(check, xs, ys, 'cross_entropy').rel_error:.1e}")
+          f"max |difference| {unrolled:.1e}")
+    fd = gradcheck(check, xs, ys, "cross_entropy").rel_error
+    print(f"IFT vs finite differences: relative error {fd:.1e}")
 
     check.W[...] = -2.0 * np.eye(6)
     check.max_iter = 100
     try:
         check.forward(xs)
+        raised = False
     except FixedPointError as exc:
+        raised = True
         print(f"non-contractive W: {exc}")
+
+    if not acc >= 0.95:
+        raise SystemExit(f"FAILED: training accuracy {acc:.3f} < 0.95")
+    if not unrolled < 1e-10:
+        raise SystemExit(f"FAILED: IFT vs unrolled {unrolled:.1e} ≥ 1e-10")
+    if not fd < 1e-6:
+        raise SystemExit(f"FAILED: IFT vs finite differences {fd:.1e} ≥ 1e-6")
+    if not raised:
+        raise SystemExit("FAILED: a non-contractive W did not raise FixedPointError")
 
 
 if __name__ == "__main__":

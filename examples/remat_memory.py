@@ -3,7 +3,9 @@
 A 16-layer relu MLP, float32: for the plain path and for k = 2, 4, 8 prints the activation
 bytes held for backward after forward, the peak held during the step, the buffers each path
 allocated, the median time of forward + backward, and whether the gradients are
-bit-for-bit those of the plain path.
+bit-for-bit those of the plain path. Exits non-zero unless every k gives bit-identical
+gradients, holds exactly 1/k of the plain path's activation bytes after forward (16 blocks,
+uniform width), and peaks below the plain path. Times are printed, not checked (noise).
 
     python examples/remat_memory.py --small
 """
@@ -78,6 +80,14 @@ def run(args: argparse.Namespace) -> None:
         held, peak, buffers, same = rows[name]
         print(f"  {name:<9} {held / 1024:>9.0f} {peak / 1024:>9.0f} {buffers / 1024:>12.0f} "
               f"{plain_held / held:>7.2f} {ms[name]:>8.2f} {ms[name] / ms['plain']:>7.2f}  {same}")
+
+    for k in (2, 4, 8):
+        held, peak, _, same = rows[f"k={k}"]
+        if same != "bit-identical":
+            raise SystemExit(f"FAILED: k={k} gradients differ from the plain path")
+        if held * k != plain_held or not peak < plain_held:
+            raise SystemExit(f"FAILED: k={k} holds {held} B (expected {plain_held // k}), "
+                             f"peak {peak} B (plain {plain_held})")
 
 
 if __name__ == "__main__":

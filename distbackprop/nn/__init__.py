@@ -2,8 +2,8 @@
 
 from .hessian import HessianOperator, NewtonCG, allreduce_hvp_, hvp, top_eigenvalue
 from .implicit import FixedPointError, ImplicitModel
-from .jacobian import gradcheck, local_jacobian
-from .layers import ACTIVATIONS, Dense, make_activation
+from .jacobian import GradcheckResult, gradcheck, local_jacobian
+from .layers import ACTIVATIONS, STRAIGHT_THROUGH, Activation, Dense, make_activation
 from .losses import LOSSES, loss_and_grad, loss_value
 from .meta import maml_loss_and_grad
 from .model import MLP, Sequential, init_params_, load_model
@@ -12,8 +12,9 @@ from .remat import CheckpointedMLP
 from .rnn import RNN, bucket_time_norms
 
 __all__ = [
-    "ACTIVATIONS", "LOSSES", "MLP", "RNN", "CheckpointedMLP", "Dense", "FixedPointError",
-    "HessianOperator", "ImplicitModel", "NewtonCG", "ParamBuffer", "Sequential",
+    "ACTIVATIONS", "LOSSES", "MLP", "RNN", "STRAIGHT_THROUGH", "Activation", "CheckpointedMLP",
+    "Dense", "FixedPointError", "GradcheckResult", "HessianOperator", "ImplicitModel", "NewtonCG",
+    "ParamBuffer", "Sequential",
     "allreduce_hvp_", "bucket_time_norms", "gradcheck", "hvp", "init_params_", "load_model",
     "local_jacobian", "loss_and_grad", "loss_value", "make_activation", "maml_loss_and_grad",
     "top_eigenvalue",

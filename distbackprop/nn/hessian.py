@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .layers import GELU, Activation, Dense, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from .layers import Activation, Dense
 from .losses import loss_and_grad as _loss_and_grad
 from .losses import loss_value
 
@@ -36,40 +36,16 @@ class _AllReduce(Protocol):
 
 def activation_derivatives(act: Activation, z: np.ndarray
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(h, σ′(z), σ″(z)) elementwise for z: (batch, width); σ″ is None where it is 0 a.e.
+    """(h, σ′(z), σ″(z)) elementwise for z: (batch, width); σ″ is None where it is 0 wherever
+    it exists (relu, leaky relu, identity, hardtanh, and the straight-through estimators,
+    whose σ′ is their surrogate).
 
-    h comes from the layer's own forward arithmetic, so it equals `model.forward` bit for bit.
-    sigmoid: σ′ = h(1−h), σ″ = σ′(1−2h) · tanh: σ′ = 1−h², σ″ = −2hσ′ ·
-    softplus: σ′ = s = sigmoid(z), σ″ = s(1−s) · gelu (tanh form, u = c(z + a z³), t = tanh u):
-    σ′ = ½(1+t) + ½ z (1−t²) u′, σ″ = (1−t²)(u′ − z t u′² + 3 c a z²) ·
-    relu / leaky relu / identity: σ″ = 0 (relu's kink has measure zero).
+    Each comes from the activation's own public methods: h from `apply_` (equal to
+    `model.forward` bit for bit), σ′ from its backward (`derivative`), σ″ from `second`.
     """
     h = np.empty_like(z)
-    act._apply(z, h)
-    if isinstance(act, Identity):
-        return h, np.ones_like(z), None
-    if isinstance(act, LeakyReLU):
-        return h, np.where(z > 0, 1.0, act.alpha).astype(z.dtype), None
-    if isinstance(act, ReLU):
-        return h, (z > 0).astype(z.dtype), None
-    if isinstance(act, Sigmoid):
-        d1 = h * (1.0 - h)
-        return h, d1, d1 * (1.0 - 2.0 * h)
-    if isinstance(act, Tanh):
-        d1 = 1.0 - h * h
-        return h, d1, -2.0 * h * d1
-    if isinstance(act, Softplus):
-        s = 0.5 * (1.0 + np.tanh(0.5 * z))
-        return h, s, s * (1.0 - s)
-    if isinstance(act, GELU):
-        c, a = act._C, act._A
-        du = c * (1.0 + 3.0 * a * z * z)
-        t = np.tanh(c * (z + a * z**3))
-        sech2 = 1.0 - t * t
-        d1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
-        d2 = sech2 * (du - z * t * du * du + 3.0 * c * a * z * z)
-        return h, d1, d2
-    raise TypeError(f"no second derivative for activation {type(act).__name__}")
+    act.apply_(z, h)
+    return h, act.derivative(z), act.second(z)
 
 
 class _DenseStep:

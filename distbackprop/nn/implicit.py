@@ -42,18 +42,24 @@ class ImplicitModel(FlatModel):
     Parameter names: ``implicit.W (H, H), implicit.U (H, n_in), implicit.b (H,), readout.W,
     readout.b``; layer names ``implicit``, ``readout``. W starts with ‖W‖₂ = `contraction`.
     After each pass, `forward_iterations` / `forward_residual` and `backward_iterations` /
-    `backward_residual` tell how the solves went.
+    `backward_residual` tell how the solves went. `tol` is the forward's absolute stopping
+    tolerance on ‖z_{k+1} − z_k‖∞; `adjoint_tol` (default: `tol`) the adjoint's relative one,
+    ‖v_{k+1} − v_k‖∞ ≤ adjoint_tol · ‖g‖∞, so the gradient's relative accuracy does not
+    depend on its scale (e.g. the 1/denom of a global-batch mean).
     """
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, dtype=np.float64,
                  seed: int | None = 0, rng: np.random.Generator | None = None,
                  contraction: float = 0.5, tol: float = 1e-10, max_iter: int = 500,
-                 backward_method: str = "fixed_point"):
+                 backward_method: str = "fixed_point", adjoint_tol: float | None = None):
         if backward_method not in ("fixed_point", "direct"):
             raise ValueError(f"backward_method: {backward_method!r} is not one of "
                              "fixed_point, direct")
         self.n_in, self.n_hidden, self.n_out = int(n_in), int(n_hidden), int(n_out)
         self.tol, self.max_iter, self.backward_method = float(tol), int(max_iter), backward_method
+        # Relative, unlike the forward's absolute tol: the adjoint's right-hand side g scales
+        # with the loss (1/denom), and its accuracy must not.
+        self.adjoint_tol = self.tol if adjoint_tol is None else float(adjoint_tol)
         H = self.n_hidden
         self.buffer = ParamBuffer([("implicit.W", (H, H)), ("implicit.U", (H, self.n_in)),
                                    ("implicit.b", (H,)), ("readout.W", (self.n_out, H)),
@@ -133,8 +139,9 @@ class ImplicitModel(FlatModel):
     def adjoint(self, g: np.ndarray) -> np.ndarray:
         """u = d ⊙ v where (I − diag(d) W)ᵀ v = g, d = 1 − z*²: g (batch, H) → u (batch, H).
 
-        fixed_point: v ← g + (d ⊙ v) W until ‖Δv‖∞ ≤ tol·max(1, ‖g‖∞) (same contraction as the
-        forward); direct: one (H × H) solve per example, (I − Wᵀ diag(d_i)) v_i = g_i.
+        fixed_point: v ← g + (d ⊙ v) W from v = g until ‖Δv‖∞ ≤ adjoint_tol·‖g‖∞ (relative:
+        scaling g scales every iterate, so the stopping iteration and the relative error do
+        not change); direct: one (H × H) solve per example, (I − Wᵀ diag(d_i)) v_i = g_i.
         """
         z = self._z
         d = 1.0 - z * z
@@ -143,24 +150,27 @@ class ImplicitModel(FlatModel):
             v = np.linalg.solve(A, g[..., None])[..., 0]
             self.backward_iterations, self.backward_residual = 1, 0.0
             return d * v
+        scale = float(np.max(np.abs(g))) if g.size else 0.0
+        if scale == 0.0:  # g = 0 ⇒ v = 0 exactly
+            self.backward_iterations, self.backward_residual = 0, 0.0
+            return np.zeros_like(g)
         v = g.copy()
         nxt = np.empty_like(v)
-        scale = max(1.0, float(np.max(np.abs(g)))) if g.size else 1.0
         res, k = math.inf, 0
         for k in range(1, self.max_iter + 1):
             np.multiply(v, d, out=nxt)
             nxt = nxt @ self.W
             nxt += g
-            res = float(np.max(np.abs(nxt - v))) / scale if v.size else 0.0
+            res = float(np.max(np.abs(nxt - v))) / scale
             v, nxt = nxt, v
             if not math.isfinite(res):
                 break
-            if res <= self.tol:
+            if res <= self.adjoint_tol:
                 self.backward_iterations, self.backward_residual = k, res
                 return d * v
         self.backward_iterations, self.backward_residual = k, res
-        raise FixedPointError("implicit backward (adjoint)", k, res, self.tol,
-                              self._hint())
+        raise FixedPointError("implicit backward (adjoint)", k, res, self.adjoint_tol,
+                              "residual relative to ‖g‖∞; " + self._hint())
 
     def backward(self, dy: np.ndarray, need_dx: bool = False) -> np.ndarray | None:
         """dy = ∂L/∂ŷ: (batch, n_out). Fills `grads` by the IFT; returns ∂L/∂x if asked."""

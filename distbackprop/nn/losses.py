@@ -24,20 +24,30 @@ def mse(y_hat: np.ndarray, y: np.ndarray, denom: float, out: np.ndarray) -> floa
     return value
 
 
-def cross_entropy(z: np.ndarray, y: np.ndarray, denom: float, out: np.ndarray) -> float:
-    """Softmax cross-entropy on integer labels: Σ_rows (logsumexp(z) − z_y) / denom.
+def cross_entropy(z: np.ndarray, y: np.ndarray, denom: float, out: np.ndarray,
+                  label_smoothing: float = 0.0) -> float:
+    """Softmax cross-entropy on integer labels: Σ_rows (logsumexp(z) − Σ_c t_c z_c) / denom,
+    with targets t = (1 − ε)·onehot(y) + ε/C (ε = `label_smoothing`; ε = 0: t = onehot).
 
-    ∂L/∂z = (softmax(z) − onehot(y))/denom. z: (batch, classes); y: (batch,) ints.
-    Stable: the row maximum is subtracted before exponentiating.
+    ∂L/∂z = (softmax(z) − t)/denom. z: (batch, classes); y: (batch,) ints.
+    Stable: the row maximum is subtracted before exponentiating (Σ_c t_c = 1, so the shift
+    cancels in the loss). ε = 0 runs exactly the unsmoothed arithmetic.
     """
     rows = np.arange(z.shape[0])
     np.subtract(z, z.max(axis=1, keepdims=True), out=out)
     picked = out[rows, y]
+    if label_smoothing:
+        eps, classes = float(label_smoothing), z.shape[1]
+        picked = (1.0 - eps) * picked + (eps / classes) * out.sum(axis=1)  # Σ_c t_c z_c
     np.exp(out, out=out)
     s = out.sum(axis=1, keepdims=True)
     value = float(np.sum(np.log(s[:, 0]) - picked)) / denom
     out /= s
-    out[rows, y] -= 1.0
+    if label_smoothing:
+        out[rows, y] -= 1.0 - eps
+        out -= eps / classes
+    else:
+        out[rows, y] -= 1.0
     out *= 1.0 / denom
     return value
 
@@ -61,20 +71,37 @@ def bce_with_logits(z: np.ndarray, y: np.ndarray, denom: float, out: np.ndarray)
 _FUNCS = {"mse": mse, "cross_entropy": cross_entropy, "bce": bce_with_logits}
 
 
+def check_label_smoothing(loss: str, label_smoothing: float) -> None:
+    """ε in [0, 1), and nonzero only with cross_entropy; ValueError naming `label_smoothing`."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing!r}")
+    if label_smoothing and loss != "cross_entropy":
+        raise ValueError(f"label_smoothing: only meaningful with cross_entropy, not {loss!r}")
+
+
 def loss_and_grad(name: str, y_hat: np.ndarray, y: np.ndarray, denom: float,
-                  out: np.ndarray) -> float:
-    """Dispatch by loss name; writes ∂L/∂ŷ into `out` (same shape as `y_hat`)."""
+                  out: np.ndarray, label_smoothing: float = 0.0) -> float:
+    """Dispatch by loss name; writes ∂L/∂ŷ into `out` (same shape as `y_hat`).
+
+    `label_smoothing` ε (cross_entropy only) smooths the targets to (1 − ε)·onehot + ε/C.
+    """
     try:
         fn = _FUNCS[name]
     except KeyError:
         raise ValueError(f"loss: {name!r} is not one of {', '.join(LOSSES)}") from None
+    if label_smoothing:
+        check_label_smoothing(name, label_smoothing)
     if y_hat.shape[0] == 0:
         out.fill(0)
         return 0.0
+    if label_smoothing:
+        return cross_entropy(y_hat, y, denom, out, label_smoothing)
     return fn(y_hat, y, denom, out)
 
 
-def loss_value(name: str, y_hat: np.ndarray, y: np.ndarray, denom: float | None = None) -> float:
+def loss_value(name: str, y_hat: np.ndarray, y: np.ndarray, denom: float | None = None,
+               label_smoothing: float = 0.0) -> float:
     """Loss only (evaluation); batch mean unless `denom` is given."""
     scratch = np.empty_like(y_hat)
-    return loss_and_grad(name, y_hat, y, denom or max(y_hat.shape[0], 1), scratch)
+    return loss_and_grad(name, y_hat, y, denom or max(y_hat.shape[0], 1), scratch,
+                         label_smoothing)

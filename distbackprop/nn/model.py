@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
+from ..errors import InputError
 from .layers import Dense, Layer, make_activation
 from .losses import loss_and_grad as _loss_and_grad
 from .params import FlatModel, ParamBuffer
@@ -32,15 +36,17 @@ def loss_grad_buffer(holder: Any, y_hat: np.ndarray) -> np.ndarray:
 
 
 def forward_loss_backward(net: Any, x: np.ndarray, y: np.ndarray, loss: str,
-                          denom: float | None, on_layer_done=None) -> float:
+                          denom: float | None, on_layer_done=None,
+                          label_smoothing: float = 0.0) -> float:
     """ŷ = net.forward(x); L = Σ_rows ℓ(ŷ, y)/denom; net.backward(∂L/∂ŷ). Returns L.
 
-    denom defaults to the batch size (batch mean).
+    denom defaults to the batch size (batch mean); `label_smoothing` as in
+    `losses.loss_and_grad` (cross_entropy only).
     """
     y_hat = net.forward(x)
     d = float(denom if denom is not None else max(x.shape[0], 1))
     dy = loss_grad_buffer(net, y_hat)
-    value = _loss_and_grad(loss, y_hat, y, d, dy)
+    value = _loss_and_grad(loss, y_hat, y, d, dy, label_smoothing)
     net.backward(dy, on_layer_done=on_layer_done)
     return value
 
@@ -97,13 +103,16 @@ class Sequential(FlatModel):
                 on_layer_done(layer.name)
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, loss: str = "cross_entropy",
-                      denom: float | None = None, on_layer_done=None) -> float:
+                      denom: float | None = None, on_layer_done=None,
+                      label_smoothing: float = 0.0) -> float:
         """Forward, loss, backward. Returns Σ_rows ℓ / denom; `grads` ← ∂L/∂θ.
 
-        denom defaults to the batch size (batch mean); data-parallel workers pass
-        the global batch size so a SUM-allreduce yields the global mean.
+        x: (batch, n_in); y: (batch,) labels or (batch, n_out) targets. denom defaults
+        to the batch size (batch mean); data-parallel workers pass the global batch size
+        so a SUM-allreduce yields the global mean. `label_smoothing` ε (cross_entropy
+        only): targets (1 − ε)·onehot + ε/C.
         """
-        return forward_loss_backward(self, x, y, loss, denom, on_layer_done)
+        return forward_loss_backward(self, x, y, loss, denom, on_layer_done, label_smoothing)
 
     def activation_bytes(self) -> int:
         """Exact bytes of the arrays currently cached for backward (0 after backward)."""
@@ -128,12 +137,14 @@ class MLP(Sequential):
 
     def __init__(self, sizes: Sequence[int], activation: str = "relu", dtype=np.float64,
                  seed: int | None = 0, init: str | None = None, init_scale: float = 1.0,
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, quantize_bits: int | None = None):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
             raise ValueError(f"sizes: need at least [n_in, n_out], all > 0, got {sizes}")
         self.sizes = sizes
         self.activation = activation
+        self.quantize_bits = quantize_bits
+        make_activation(activation, quantize_bits=quantize_bits)  # fail before allocating
         self.init = init or ("he" if activation in ("relu", "leaky_relu", "gelu", "softplus")
                              else "xavier")
         shapes = []
@@ -147,7 +158,7 @@ class MLP(Sequential):
             layers.append(Dense(name, buf.param(f"{name}.W"), buf.param(f"{name}.b"),
                                 buf.grad(f"{name}.W"), buf.grad(f"{name}.b")))
             if i < n_dense - 1:
-                layers.append(make_activation(activation, f"act{i}", dtype))
+                layers.append(make_activation(activation, f"act{i}", dtype, quantize_bits))
         super().__init__(layers, buf)
         init_params_(self, self.init, rng or np.random.default_rng(seed), init_scale)
 
@@ -169,15 +180,14 @@ class MLP(Sequential):
 
     def architecture(self) -> dict[str, Any]:
         return {"sizes": self.sizes, "activation": self.activation, "init": self.init,
-                "dtype": self.dtype.name}
+                "dtype": self.dtype.name, "quantize_bits": self.quantize_bits}
 
     def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None,
              arrays: dict[str, np.ndarray] | None = None) -> None:
         """Write an ``.npz`` without pickles: params, architecture + `meta` as JSON bytes.
 
-        Written to a temporary file and renamed, so a reader never sees half a model.
+        Written through `distbackprop.atomic`, so a reader never sees half a model.
         """
-        path = Path(path)
         meta = dict(meta or {})
         # Arrays in `meta` (e.g. standardization mean/std) travel as npz members.
         meta_arrays = {k: meta.pop(k) for k in list(meta) if isinstance(meta[k], np.ndarray)}
@@ -187,36 +197,98 @@ class MLP(Sequential):
         payload.update({f"meta/{k}": v for k, v in meta_arrays.items()})
         for k, v in (arrays or {}).items():
             payload[f"extra/{k}"] = np.asarray(v)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
+        # A file object, not a name: np.savez appends ".npz" to names lacking it.
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every member of the .npz at `path`, never unpickling; anything else → InputError."""
+    def bad(what: str) -> InputError:
+        return InputError(f"{path}: {what}")
+
+    if not path.is_file():
+        raise bad("file not found" if not path.exists() else "not a regular file")
+    # np.load sniffs the magic bytes itself and, failing that, tries to unpickle the whole
+    # file (refused here); insisting on a zip first gives an exact message.
+    if not zipfile.is_zipfile(path):
+        raise bad("not an .npz (zip) archive, or truncated (no zip directory at its end)")
+    data: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                try:
+                    data[name] = z[name]
+                except ValueError as exc:
+                    if "allow_pickle" in str(exc) or "pickle" in str(exc):
+                        raise bad(f"member {name!r} is a pickled object array; refused") from None
+                    raise bad(f"member {name!r} is not a NumPy array ({exc})") from None
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise bad(f"truncated or corrupt archive ({type(exc).__name__}: {exc})") from None
+    return data
+
+
+def _architecture(path: Path, data: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict]:
+    """(architecture, header) from the `header_json` member, every field checked."""
+    def bad(what: str) -> InputError:
+        return InputError(f"{path}: {what}")
+
+    missing = [k for k in ("header_json", "params") if k not in data]
+    if missing:
+        raise bad(f"not a distbackprop model: missing member(s) {', '.join(missing)}")
+    raw = data["header_json"]
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise bad(f"header_json must be 1-D uint8 bytes, got {raw.dtype} {raw.shape}")
+    try:
+        header = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"header_json is not JSON ({exc})") from None
+    arch = header.get("architecture") if isinstance(header, dict) else None
+    if not isinstance(arch, dict):
+        raise bad("header_json has no 'architecture' mapping")
+    problems = [f"architecture has no {k!r}" for k in ("sizes", "activation", "dtype")
+                if k not in arch]
+    if problems:
+        raise bad("; ".join(problems))
+    sizes = arch["sizes"]
+    if (not isinstance(sizes, list) or len(sizes) < 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)):
+        raise bad(f"architecture sizes must be ≥ 2 positive integers, got {sizes!r}")
+    if arch["dtype"] not in ("float32", "float64"):
+        raise bad(f"architecture dtype must be float32 or float64, got {arch['dtype']!r}")
+    if not isinstance(header.get("meta", {}), dict):
+        raise bad("header_json 'meta' is not a mapping")
+    return arch, header
 
 
 def load_model(path: str | os.PathLike) -> MLP:
     """Load a model saved by `MLP.save` (``allow_pickle=False``; anything else is refused).
 
-    The returned model carries `.meta` (dict) and `.extra` (dict of arrays).
+    Any file that is not what it claims — not a zip, truncated, missing members, a header
+    that is not the expected JSON, an unknown activation, params of the wrong shape or
+    dtype for the architecture, pickled object arrays — raises `InputError` naming the
+    file and the fault. The returned model carries `.meta` (dict) and `.extra` (dict of
+    arrays).
     """
     path = Path(path)
+    data = _read_npz(path)
+    arch, header = _architecture(path, data)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable distbackprop model ({exc})") from None
-    if "header_json" not in data or "params" not in data:
-        raise ValueError(f"{path}: not a distbackprop model (no header_json/params)")
-    header = json.loads(bytes(data["header_json"]).decode())
-    arch = header["architecture"]
-    model = MLP(arch["sizes"], activation=arch["activation"], dtype=np.dtype(arch["dtype"]),
-                init=arch["init"], seed=0)
-    if data["params"].shape != model.params.shape:
-        raise ValueError(f"{path}: params has {data['params'].size} values, "
-                         f"architecture needs {model.params.size}")
-    model.params[...] = data["params"]
-    model.meta = header.get("meta", {})
+        model = MLP(arch["sizes"], activation=arch["activation"], dtype=np.dtype(arch["dtype"]),
+                    init=arch.get("init"), seed=0, quantize_bits=arch.get("quantize_bits"))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: architecture: {exc}") from None
+    params = data["params"]
+    if params.dtype != model.params.dtype:
+        raise InputError(f"{path}: params are {params.dtype}, architecture says "
+                         f"{model.params.dtype}")
+    if params.shape != model.params.shape:
+        raise InputError(f"{path}: params has shape {params.shape}, architecture "
+                         f"{arch['sizes']} needs ({model.params.size},)")
+    model.params[...] = params
+    model.meta = dict(header.get("meta", {}))
     model.meta.update({k[len("meta/"):]: v for k, v in data.items() if k.startswith("meta/")})
     model.extra = {k[len("extra/"):]: v for k, v in data.items() if k.startswith("extra/")}
     return model

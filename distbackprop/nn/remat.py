@@ -130,7 +130,7 @@ class CheckpointedMLP:
             else:
                 key = "fp1" if key == "fp0" else "fp0"
                 out = self._view(key, rows, dense.out_features)
-            act._apply(z, out)
+            act.apply_(z, out)
             h = out
         self._rows = rows
         return h
@@ -169,7 +169,7 @@ class CheckpointedMLP:
                     break
                 hkey = f"sh{j - j0}"
                 hn = self._view(hkey, rows, dense.out_features)
-                act._apply(z, hn)
+                act.apply_(z, hn)
                 self._hold(hkey, hn)
                 if act.uses_output:
                     cache[j] = hn
@@ -180,7 +180,7 @@ class CheckpointedMLP:
                 if act is not None:
                     gkey = "gb" if gkey == "ga" else "ga"
                     dz = self._view(gkey, rows, dense.out_features)
-                    act._grad(cache[j], g, dz)
+                    act.grad_(cache[j], g, dz)
                     g = dz
                     self._drop(f"sz{j - j0}")
                 np.matmul(g.T, ins[j], out=dense.dW)
@@ -201,9 +201,10 @@ class CheckpointedMLP:
         self._ckpt[0] = None
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, loss: str = "cross_entropy",
-                      denom: float | None = None, on_layer_done=None) -> float:
+                      denom: float | None = None, on_layer_done=None,
+                      label_smoothing: float = 0.0) -> float:
         """Forward, loss, backward (as `Sequential.loss_and_grad`): Σ_rows ℓ / denom."""
-        return forward_loss_backward(self, x, y, loss, denom, on_layer_done)
+        return forward_loss_backward(self, x, y, loss, denom, on_layer_done, label_smoothing)
 
     def release_(self) -> None:
         """Drop the checkpoints without a backward."""
@@ -214,4 +215,4 @@ class CheckpointedMLP:
 def plain_workspace_bytes(model: Any) -> int:
     """Bytes of the per-layer workspaces a plain `Sequential` has allocated (for comparison
     with `CheckpointedMLP.workspace_bytes`)."""
-    return sum(layer._ws.nbytes() for layer in model.layers if hasattr(layer, "_ws"))
+    return sum(layer.workspace_bytes() for layer in model.layers)

@@ -43,7 +43,7 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch) -> None:
     def wrong(self, h, dh, dz):
         np.copyto(dz, dh)  # pretends σ′ = 1 everywhere
 
-    monkeypatch.setattr(layers.ReLU, "_grad", wrong)
+    monkeypatch.setattr(layers.ReLU, "grad_", wrong)
     rng = np.random.default_rng(0)
     model = MLP([4, 8, 3], activation="relu", dtype=np.float64, seed=0)
     res = gradcheck(model, rng.standard_normal((6, 4)), rng.integers(0, 3, 6), "cross_entropy")

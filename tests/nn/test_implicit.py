@@ -144,3 +144,50 @@ def test_projection_keeps_the_layer_contractive() -> None:
     assert np.shares_memory(m.W, m.params)
     W = m.W.copy()
     assert m.project_(0.95) == pytest.approx(0.9) and np.array_equal(m.W, W)  # no-op inside
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_adjoint_accuracy_does_not_depend_on_the_gradient_scale() -> None:
+    """The gradient of Σ ℓ / denom shrinks with denom; the adjoint's relative stopping rule
+    keeps its relative error against the direct solve the same at every scale (an absolute
+    rule let it grow from 1e-11 to 3e-4 at denom 1e8)."""
+    x, y = _data(4)
+    errors, iters = [], []
+    for denom in (1.0, 1e3, 1e6, 1e8):
+        a = ImplicitModel(3, 5, 2, seed=1, tol=1e-10)
+        b = ImplicitModel(3, 5, 2, seed=1, tol=1e-10, backward_method="direct")
+        a.loss_and_grad(x, y, "mse", denom=denom)
+        b.loss_and_grad(x, y, "mse", denom=denom)
+        assert np.max(np.abs(b.grads)) < 10.0 / denom  # the scale really changes
+        errors.append(_rel_err(a.grads, b.grads))
+        iters.append(a.backward_iterations)
+    assert max(errors) < 1e-9, errors
+    assert max(errors) < 10 * min(errors) + 1e-15, errors  # same order at all four
+    assert len(set(iters)) == 1, iters
+
+
+def test_adjoint_tol_is_its_own_parameter() -> None:
+    x, y = _data(5)
+    ref = ImplicitModel(3, 5, 2, seed=1, tol=1e-12, backward_method="direct")
+    ref.loss_and_grad(x, y, "mse", denom=1e6)
+    found = {}
+    for adjoint_tol in (1e-4, 1e-8, 1e-12):
+        m = ImplicitModel(3, 5, 2, seed=1, tol=1e-12, adjoint_tol=adjoint_tol)
+        assert m.adjoint_tol == adjoint_tol
+        m.loss_and_grad(x, y, "mse", denom=1e6)
+        found[adjoint_tol] = (m.backward_iterations, _rel_err(m.grads, ref.grads))
+    assert found[1e-4][0] < found[1e-8][0] < found[1e-12][0]
+    for adjoint_tol, (_, err) in found.items():
+        assert err < 100 * adjoint_tol, found
+    assert ImplicitModel(3, 5, 2, tol=1e-9).adjoint_tol == 1e-9  # default: the forward's tol
+
+
+def test_zero_upstream_gradient_gives_zero_without_iterating() -> None:
+    m = _model()
+    x, _ = _data()
+    m.forward(x)
+    m.backward(np.zeros((7, 2)))
+    assert m.backward_iterations == 0 and not np.any(m.grads[: m.layer_slices()["readout"].start])
