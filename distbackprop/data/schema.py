@@ -1,6 +1,6 @@
 """Which columns are the target and the features, and turning them into NumPy arrays.
 
-Rules (CONTRACT ``--target``/``--features``/``--task``):
+Rules for ``--target``, ``--features`` and ``--task``:
 
 * task: ``classification`` when the (single) target is integer, string, boolean
   or dictionary-encoded; ``regression`` when the target column(s) are floating

@@ -1,6 +1,6 @@
 """Run history on disk: ``history.parquet`` (one row per step) and ``memory.parquet``.
 
-history.parquet columns (CONTRACT.md; extend, never rename):
+history.parquet columns (extend, never rename: readers select columns by name):
 ``step, epoch, loss, samples, lr, grad_global_norm, grad_max_abs, nonfinite, skipped,
 step_seconds, time/<phase> for phase in PHASES, grad_norm/<layer>, update_ratio/<layer>``.
 
