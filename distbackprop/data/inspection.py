@@ -49,7 +49,8 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
 
     Returns a JSON-serialisable dict (keys: source, format, files, row_groups,
     rows, schema, target, task, features, n_features, class_counts,
-    target_summary, nan_counts, problems, notes).
+    target_summary, nan_counts, problems, warnings, notes). ``warnings`` are what
+    training would do differently from what the file holds (a column left out).
     """
     src = open_source(path, "data")
     schema = src.schema
@@ -118,6 +119,7 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
             raise DataError(f"data: cannot read {frag.path}: {exc}") from exc
 
     notes = list(plan.notes) if plan else []
+    warnings = list(plan.warnings) if plan else []
     for c, (numbers, valid, row, info) in suspect_state.items():
         if row >= 0 and numbers * 2 > valid:
             problems.append(f"data: column {c!r} is not numeric: {info[1]!r} in {info[0]} "
@@ -156,6 +158,7 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
         "target_summary": summary,
         "nan_counts": {c: n for c, n in nan_counts.items()},
         "problems": problems,
+        "warnings": warnings,
         "notes": notes,
     }
 
@@ -198,6 +201,8 @@ def format_inspect(d: dict[str, Any]) -> str:
             lines.append(f"target {t}: min {s['min']:.6g}, max {s['max']:.6g}, "
                          f"mean {s['mean']:.6g}" if s["mean"] is not None else
                          f"target {t}: no finite values")
+    for w in d.get("warnings") or []:
+        lines.append(f"warning: {w}")
     for n in d.get("notes") or []:
         lines.append(f"note: {n}")
     lines.append("")

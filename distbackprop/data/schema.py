@@ -73,7 +73,9 @@ class ColumnPlan:
     ``feature_names`` are source columns; column ``i`` contributes
     ``feature_widths[i]`` consecutive features, so ``n_features = sum(widths)``.
     ``suspects`` are string columns default inference left out, to be checked
-    once their values are read (`audit_suspects`).
+    once their values are read (`audit_suspects`). ``warnings`` name each column
+    default inference left out (it changes what is trained); ``notes`` are
+    informational (partition keys, which are left out by rule).
     """
 
     task: str
@@ -83,6 +85,7 @@ class ColumnPlan:
     ignored: tuple[str, ...] = ()
     suspects: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def n_features(self) -> int:
@@ -206,10 +209,14 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
                         "have zero width")
     if problems:
         raise DataError(problems)
-    notes = tuple(f"column {c!r} ({schema.field(c).type}) is not numeric: not a feature"
-                  for c in (*ignored, *suspects))
+    warnings = tuple(f"column {c!r} ({schema.field(c).type}) of {source} is not numeric: "
+                     "left out of the features (name the features with --features to "
+                     "silence this)" for c in (*ignored, *suspects))
+    parts = [c for c in partition_columns if c in names and c not in targets and not features]
+    notes = tuple(f"partition column {c!r} of {source} is not a feature (name it in --features "
+                  "to use it)" for c in parts)
     return ColumnPlan(resolved, tuple(present_targets), tuple(feats), tuple(widths),
-                      tuple(ignored), tuple(suspects), notes)
+                      tuple(ignored), tuple(suspects), notes, warnings)
 
 
 def _type_problem(role: str, source: str, column: str, tp: pa.DataType) -> str:
