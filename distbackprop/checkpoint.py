@@ -294,16 +294,19 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
 
     Only a committed checkpoint carries a ``step-<N>`` name (writers build under ``.tmp-*`` and
     rename), so each entry is complete as written; corruption since then is what
-    ``verify_checkpoint`` detects.
+    ``verify_checkpoint`` detects. An unreadable ``checkpoints/`` is a ``CheckpointError``.
     """
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
     if not ckpt_root.is_dir():
         return []
     found = []
-    for entry in ckpt_root.iterdir():
-        m = _STEP_DIR.fullmatch(entry.name)
-        if m and entry.is_dir():
-            found.append((int(m.group(1)), entry))
+    try:
+        for entry in ckpt_root.iterdir():
+            m = _STEP_DIR.fullmatch(entry.name)
+            if m and entry.is_dir():
+                found.append((int(m.group(1)), entry))
+    except OSError as e:
+        raise CheckpointError(f"{ckpt_root}: cannot list checkpoints ({e})") from None
     return [path for _, path in sorted(found)]
 
 
