@@ -148,7 +148,7 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
         if resolved == "classification":
             if len(present_targets) > 1:
                 problems.append(f"{role}: classification takes one target column, got "
-                                f"{', '.join(present_targets)}")
+                                f"{', '.join(map(repr, present_targets))} in {source}")
             elif not (_is_label(types[0]) or pa.types.is_floating(types[0])):
                 problems.append(f"{role}: target column {present_targets[0]!r} in {source} has "
                                 f"type {types[0]}, which cannot be a class label")
@@ -175,7 +175,8 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
                                 f"(columns: {_preview(names)})")
                 continue
             if c in targets:
-                problems.append(f"{role}: column {c!r} is both the target and a feature")
+                problems.append(f"{role}: column {c!r} of {source} is both the target and a "
+                                "feature")
                 continue
             tp = schema.field(c).type
             w = fixed_width(tp)

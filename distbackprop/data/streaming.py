@@ -293,8 +293,8 @@ class StreamingBatcher:
         if self.steps_per_epoch == 0:
             usable = sum(1 for p in plan.pieces if p.usable)
             raise DataError(
-                f"streaming: {usable} piece(s) (row groups or files) with {plan.n_train} "
-                f"training rows cannot give {len(live)} worker(s) a batch share of "
+                f"streaming: {usable} piece(s) (row groups or files) of {plan.source} with "
+                f"{plan.n_train} training rows cannot give {len(live)} worker(s) a batch share of "
                 f"{max(self.shares)} rows each; write more, smaller row groups, use fewer "
                 "workers, or train in memory")
         self.share = self.shares[self.rank]

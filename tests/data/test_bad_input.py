@@ -268,3 +268,11 @@ def test_failed_cache_write_leaves_no_file(tmp_path, monkeypatch):
             r"disk went away")
     assert list((tmp_path / "c").iterdir()) == []
 
+
+def test_target_problems_name_the_file(tmp_path, table):
+    p = write(table.append_column("t2", pa.array(np.arange(40))), tmp_path / "d.parquet")
+    _raises(cfg(p, target=("target", "t2"), task="classification"),
+            r"classification takes one target column, got 'target', 't2' in .*d\.parquet")
+    _raises(cfg(p, features=("f0", "target")),
+            r"column 'target' of .*d\.parquet is both the target and a feature")
+
