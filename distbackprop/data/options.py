@@ -37,7 +37,7 @@ class DataOptions:
     val_data: str | None = None
     val_fraction: float | None = None
     target: str | tuple[str, ...] = "target"
-    features: tuple[str, ...] | None = None
+    features: str | tuple[str, ...] | None = None
     task: str | None = None
     standardize: bool = True
     streaming: bool = False
