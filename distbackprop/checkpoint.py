@@ -5,7 +5,8 @@ Layout of one checkpoint (``run_dir/checkpoints/step-<8 digits>/``)::
     arrays.npz     named arrays (parameters, optimizer state), plain .npy members, no pickles
     meta.json      {"step": int, ...whatever the caller passed: epoch, data position, RNG state,
                     config} -- JSON only, so nothing in it can execute on load
-    manifest.json  {"format", "version", "step", "files": {name: {"sha256", "size"}}}
+    manifest.json  {"format", "version", "step", "files": {name: {"sha256", "size"}},
+                    "arrays": {name: {"dtype", "shape"}}}  ("arrays" is absent in older ones)
 
 Commit protocol (crash-safe against a SIGKILL at any instant; the fsyncs extend it to power
 loss on filesystems that honour them): write every file into ``checkpoints/.tmp-*``, fsync each
@@ -17,6 +18,9 @@ left behind is named ``.tmp-*`` and is removed by the next save. Writers seriali
 
 Loading verifies the manifest (size, then sha256 of every listed file) and reads arrays with
 ``np.load(allow_pickle=False)``: an object array is refused before any byte of it is unpickled.
+The arrays read must be exactly those the manifest lists, with its dtypes and shapes (and, when
+the caller says what it expects, those). Every failure is a `CheckpointError` (an `InputError`:
+CLI exit status 2) naming the file, and the member where there is one.
 """
 
 from __future__ import annotations
@@ -31,15 +35,20 @@ import secrets
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
+
+from .atomic import fsync_dir
+from .errors import InputError
 
 __all__ = [
     "ARRAYS_FILE",
     "CHECKPOINTS_DIR",
+    "ArraySpec",
     "CheckpointError",
     "MANIFEST_FILE",
     "META_FILE",
@@ -65,9 +74,9 @@ _STEP_DIR = re.compile(r"step-(\d{8,})")
 _HASH_CHUNK = 1 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint or array file is missing, corrupt, or carries something other than plain
-    arrays; the message names the file."""
+    arrays; the message names the file (an `InputError`: CLI exit status 2)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,9 +124,13 @@ def save_checkpoint(
                     name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
                     for name in (ARRAYS_FILE, META_FILE)
                 },
+                "arrays": {
+                    name: {"dtype": arr.dtype.str, "shape": list(arr.shape)}
+                    for name, arr in plain.items()
+                },
             }
             _write_bytes(tmp / MANIFEST_FILE, _dumps(manifest))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             replaced = None
             if final.exists():
                 # rename(2) cannot replace a non-empty directory: move the old one aside under a
@@ -130,7 +143,7 @@ def save_checkpoint(
                 if replaced is not None:
                     os.rename(replaced, final)
                 raise
-            _fsync_dir(ckpt_root)
+            fsync_dir(ckpt_root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -228,18 +241,12 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
+    # Not `atomic_write_bytes`: this file lives in the checkpoint's private temporary directory,
+    # whose rename is the atomic step, so a second rename per file would add nothing.
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -261,7 +268,7 @@ def _remove_stale_tmp(ckpt_root: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
@@ -272,7 +279,7 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         doomed = ckpt_root / f"{TMP_PREFIX}del-{path.name}-{secrets.token_hex(4)}"
         os.rename(path, doomed)
     if old:
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     for entry in ckpt_root.iterdir():
         if entry.name.startswith(f"{TMP_PREFIX}del-"):
             shutil.rmtree(entry, ignore_errors=True)
@@ -287,16 +294,19 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
 
     Only a committed checkpoint carries a ``step-<N>`` name (writers build under ``.tmp-*`` and
     rename), so each entry is complete as written; corruption since then is what
-    ``verify_checkpoint`` detects.
+    ``verify_checkpoint`` detects. An unreadable ``checkpoints/`` is a ``CheckpointError``.
     """
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
     if not ckpt_root.is_dir():
         return []
     found = []
-    for entry in ckpt_root.iterdir():
-        m = _STEP_DIR.fullmatch(entry.name)
-        if m and entry.is_dir():
-            found.append((int(m.group(1)), entry))
+    try:
+        for entry in ckpt_root.iterdir():
+            m = _STEP_DIR.fullmatch(entry.name)
+            if m and entry.is_dir():
+                found.append((int(m.group(1)), entry))
+    except OSError as e:
+        raise CheckpointError(f"{ckpt_root}: cannot list checkpoints ({e})") from None
     return [path for _, path in sorted(found)]
 
 
@@ -337,6 +347,26 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             or not isinstance(entry.get("size"), int)
         ):
             raise CheckpointError(f"{mpath}: malformed manifest entry for {name}")
+    arrays = manifest.get("arrays")
+    if arrays is not None:
+        if not isinstance(arrays, dict):
+            raise CheckpointError(f"{mpath}: 'arrays' is not an object")
+        for name, entry in arrays.items():
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("dtype"), str)
+                or not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                           for d in shape)
+            ):
+                raise CheckpointError(f"{mpath}: malformed 'arrays' entry for {name!r}")
+            try:
+                np.dtype(entry["dtype"])
+            except TypeError:
+                raise CheckpointError(
+                    f"{mpath}: array {name!r} has unknown dtype {entry['dtype']!r}"
+                ) from None
     m = _STEP_DIR.fullmatch(path.name)
     if m and manifest.get("step") != int(m.group(1)):
         raise CheckpointError(
@@ -359,7 +389,10 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
 
     Raises ``CheckpointError`` naming the first missing or mismatching file (or the manifest).
     """
-    path = Path(path)
+    _verified_manifest(Path(path))
+
+
+def _verified_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     manifest = _read_manifest(path)
@@ -369,6 +402,8 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
             size = fpath.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"{fpath}: listed in the manifest but missing") from None
+        except OSError as e:
+            raise CheckpointError(f"{fpath}: cannot read ({e})") from None
         if size != entry["size"]:
             raise CheckpointError(
                 f"{fpath}: size {size} bytes, manifest says {entry['size']} (truncated or "
@@ -383,19 +418,36 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
                 f"{fpath}: sha256 {digest[:16]}… does not match the manifest's "
                 f"{entry['sha256'][:16]}… (corrupted)"
             )
+    return manifest
+
+
+ArraySpec = tuple[Sequence[int], DTypeLike]
+"""What a caller expects of one array: ``(shape, dtype)``."""
 
 
 def load_checkpoint(
     path: str | os.PathLike[str],
+    expect: Mapping[str, ArraySpec] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``(arrays, meta)`` of checkpoint directory ``path``, after verifying its manifest.
 
-    Arrays are fresh writable NumPy arrays read with ``allow_pickle=False``; ``meta`` is the
-    JSON dict written by ``save_checkpoint`` (including ``"step"``). Raises ``CheckpointError``.
+    Arrays are fresh writable NumPy arrays read with ``allow_pickle=False``; they must be the
+    ones the manifest lists, with its dtypes and shapes. ``expect`` (name → ``(shape, dtype)``)
+    additionally requires each named array to be present with that shape and dtype (e.g. the
+    model being resumed), so a checkpoint of another model is refused here rather than failing
+    later. ``meta`` is the JSON dict written by ``save_checkpoint`` (including ``"step"``).
+    Raises ``CheckpointError`` naming the file and, where there is one, the array.
     """
     path = Path(path)
-    verify_checkpoint(path)
-    arrays = safe_load_npz(path / ARRAYS_FILE)
+    manifest = _verified_manifest(path)
+    apath = path / ARRAYS_FILE
+    arrays = safe_load_npz(apath)
+    if "arrays" in manifest:
+        _check_arrays(apath, arrays, manifest["arrays"], "the manifest", exact=True)
+    if expect is not None:
+        spec = {name: {"shape": list(shape), "dtype": np.dtype(dtype).str}
+                for name, (shape, dtype) in expect.items()}
+        _check_arrays(apath, arrays, spec, "the model", exact=False)
     mpath = path / META_FILE
     try:
         meta = json.loads(mpath.read_bytes())
@@ -403,20 +455,56 @@ def load_checkpoint(
         raise CheckpointError(f"{mpath}: cannot read checkpoint metadata ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise CheckpointError(f"{mpath}: metadata is not an object with an integer 'step'")
+    if meta["step"] != manifest.get("step"):
+        raise CheckpointError(
+            f"{mpath}: step {meta['step']} disagrees with the manifest's {manifest.get('step')!r}"
+        )
     return arrays, meta
+
+
+def _check_arrays(
+    apath: Path,
+    arrays: Mapping[str, np.ndarray],
+    spec: Mapping[str, Mapping[str, Any]],
+    against: str,
+    exact: bool,
+) -> None:
+    """Every array in ``spec`` is present with its shape and dtype; with ``exact`` no others."""
+    problems = []
+    missing = [name for name in spec if name not in arrays]
+    if missing:
+        problems.append(f"lacks array(s) {', '.join(map(repr, missing))} that {against} lists")
+    if exact:
+        extra = [name for name in arrays if name not in spec]
+        if extra:
+            problems.append(f"holds array(s) {', '.join(map(repr, extra))} that {against} "
+                            "does not list")
+    for name, want in spec.items():
+        if name not in arrays:
+            continue
+        arr = arrays[name]
+        shape, dtype = tuple(want["shape"]), np.dtype(want["dtype"])
+        if arr.shape != shape:
+            problems.append(f"array {name!r} has shape {arr.shape}, {against} says {shape}")
+        if arr.dtype != dtype:
+            problems.append(f"array {name!r} has dtype {arr.dtype}, {against} says {dtype}")
+    if problems:
+        raise CheckpointError([f"{apath}: {p}" for p in problems])
 
 
 def latest_checkpoint(
     run_dir: str | os.PathLike[str],
+    expect: Mapping[str, ArraySpec] | None = None,
 ) -> tuple[Path, dict[str, np.ndarray], dict[str, Any]] | None:
     """Newest checkpoint of ``run_dir`` that verifies and loads: ``(path, arrays, meta)``.
 
     A newer checkpoint that fails is skipped with a ``UserWarning`` naming it and the reason
     (the fall-back to the previous good one). ``None`` when no checkpoint is usable.
+    ``expect``: as for `load_checkpoint`.
     """
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            arrays, meta = load_checkpoint(path)
+            arrays, meta = load_checkpoint(path, expect)
         except CheckpointError as e:
             warnings.warn(
                 f"skipping checkpoint {path}: {e}; falling back to the previous one",

@@ -487,3 +487,158 @@ def test_checkpoint_with_pickled_arrays_is_refused_even_with_a_valid_manifest(tm
         path, _, meta = latest_checkpoint(tmp_path)
     assert meta["step"] == 1 and path.name == "step-00000001"
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------- malformed, re-signed files
+# A manifest re-signed after the arrays changed passes the checksums (as a crash between
+# writing and signing by some other tool, or a hand-edited run, would); what is wrong must
+# still be named, never surface as a zipfile/KeyError/ValueError traceback.
+
+
+def _resign(ckpt: Path, **manifest_changes) -> None:
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    for name in (ARRAYS_FILE, META_FILE):
+        data = (ckpt / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest.update(manifest_changes)
+    (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _replace_arrays(ckpt: Path, arrays: dict[str, np.ndarray]) -> None:
+    np.savez(ckpt / ARRAYS_FILE, **arrays)
+    _resign(ckpt)
+
+
+def test_checkpoint_error_is_an_input_error():
+    from distbackprop.errors import InputError
+
+    assert issubclass(CheckpointError, InputError)
+
+
+def test_manifest_records_every_array_dtype_and_shape(tmp_path):
+    arrays = _arrays(3)
+    path = save_checkpoint(tmp_path, 3, arrays, {})
+    listed = json.loads((path / MANIFEST_FILE).read_text())["arrays"]
+    assert listed == {k: {"dtype": np.asarray(v).dtype.str, "shape": list(np.shape(v))}
+                      for k, v in arrays.items()}
+
+
+def test_array_missing_from_the_npz_is_named(tmp_path):
+    bad = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    arrays = _arrays(1)
+    del arrays["opt.m"]
+    _replace_arrays(bad, arrays)
+    with pytest.raises(CheckpointError, match=rf"{ARRAYS_FILE}: lacks array\(s\) 'opt.m'"):
+        load_checkpoint(bad)
+
+
+def test_array_not_in_the_manifest_is_named(tmp_path):
+    bad = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    _replace_arrays(bad, {**_arrays(1), "intruder": np.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"'intruder' that the manifest does not list"):
+        load_checkpoint(bad)
+
+
+def test_wrong_shape_and_dtype_against_the_manifest_are_named(tmp_path):
+    bad = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    arrays = _arrays(1)
+    arrays["params"] = arrays["params"][:10]
+    arrays["order"] = arrays["order"].astype(np.int32)
+    _replace_arrays(bad, arrays)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert e.value.problems == [
+        f"{bad / ARRAYS_FILE}: array 'params' has shape (10,), the manifest says (1000,)",
+        f"{bad / ARRAYS_FILE}: array 'order' has dtype int32, the manifest says int64",
+    ]
+
+
+def test_expect_refuses_a_checkpoint_of_another_model_and_falls_back_to_none(tmp_path):
+    good = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    assert set(load_checkpoint(good, {"params": ((1000,), np.float32)})[0]) == set(_arrays(1))
+    with pytest.raises(CheckpointError, match=r"'params' has shape \(1000,\), the model says "
+                                              r"\(64,\)"):
+        load_checkpoint(good, {"params": ((64,), "float32")})
+    with pytest.raises(CheckpointError, match=r"lacks array\(s\) 'opt.s' that the model lists"):
+        load_checkpoint(good, {"opt.s": ((3,), np.float64)})
+    with pytest.warns(UserWarning, match=r"step-00000001.*'params' has dtype float32"):
+        assert latest_checkpoint(tmp_path, {"params": ((1000,), np.float64)}) is None
+
+
+def test_manifest_without_arrays_entry_still_loads(tmp_path):
+    """Checkpoints written before the manifest listed arrays stay loadable."""
+    path = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    del manifest["arrays"]
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert _same_bits(load_checkpoint(path)[0]["params"], _arrays(1)["params"])
+
+
+@pytest.mark.parametrize(("manifest", "reason"), [
+    ("[1, 2]", "not a distbackprop-checkpoint manifest"),
+    ('{"format": "distbackprop-checkpoint", "version": 9, "files": {}}', "version 9"),
+    ("\xff\xfe", "not valid JSON"),
+])
+def test_manifest_that_is_not_one_is_named(tmp_path, manifest, reason):
+    bad = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    (bad / MANIFEST_FILE).write_bytes(manifest.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=rf"{MANIFEST_FILE}: .*{reason}"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("arrays", [[1, 2], {"params": {"dtype": "<f4"}},
+                                    {"params": {"dtype": "nonsense", "shape": [3]}},
+                                    {"params": {"dtype": "<f4", "shape": [-1]}}])
+def test_malformed_arrays_entry_in_the_manifest_is_named(tmp_path, arrays):
+    bad = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    _resign(bad, arrays=arrays)
+    reasons = "malformed 'arrays' entry|'arrays' is not an object|array 'params' has unknown dtype"
+    with pytest.raises(CheckpointError, match=rf"{MANIFEST_FILE}: ({reasons})"):
+        load_checkpoint(bad)
+
+
+def test_truncated_npz_with_a_matching_manifest_is_named(tmp_path):
+    bad = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    os.truncate(bad / ARRAYS_FILE, (bad / ARRAYS_FILE).stat().st_size // 2)
+    _resign(bad)
+    with pytest.raises(CheckpointError, match=rf"{ARRAYS_FILE}: cannot read as \.npz"):
+        load_checkpoint(bad)
+    np.savez(tmp_path / "m.npz", w=np.arange(100.0))
+    os.truncate(tmp_path / "m.npz", 300)
+    with pytest.raises(CheckpointError, match=r"m\.npz: cannot read as \.npz"):
+        safe_load_npz(tmp_path / "m.npz")
+
+
+def test_bad_meta_json_with_a_matching_manifest_is_named(tmp_path):
+    bad = save_checkpoint(tmp_path, 1, _arrays(1), {})
+    (bad / META_FILE).write_text("{oops")
+    _resign(bad)
+    with pytest.raises(CheckpointError, match=rf"{META_FILE}: cannot read checkpoint metadata"):
+        load_checkpoint(bad)
+    (bad / META_FILE).write_text('{"step": 2}')
+    _resign(bad)
+    with pytest.raises(CheckpointError, match=rf"{META_FILE}: step 2 disagrees"):
+        load_checkpoint(bad)
+
+
+def test_any_damage_to_a_resigned_npz_loads_or_is_a_checkpoint_error(tmp_path):
+    """Truncations and flipped bytes everywhere in the archive: never a raw exception."""
+    path = save_checkpoint(tmp_path, 1, {"w": np.arange(50.0), "b": np.ones(3, np.int8)}, {})
+    original = (path / ARRAYS_FILE).read_bytes()
+    rng = np.random.default_rng(0)
+    cases = [original[:k] for k in range(0, len(original), 37)]
+    for pos in rng.integers(0, len(original), 60):
+        data = bytearray(original)
+        data[pos] ^= 1 << int(rng.integers(0, 8))
+        cases.append(bytes(data))
+    refused = 0
+    for data in cases:
+        (path / ARRAYS_FILE).write_bytes(data)
+        _resign(path)
+        try:
+            load_checkpoint(path)
+        except CheckpointError as e:
+            assert str(path / ARRAYS_FILE) in str(e)
+            refused += 1
+    print(f"{refused} of {len(cases)} damaged archives refused")
+    assert refused >= len(cases) // 2  # most damage is caught (CRCs, headers, shapes)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from distbackprop.data.bundle import DataBundle
+from distbackprop.atomic import atomic_path
 from distbackprop.data.errors import DataError
+from distbackprop.data.tables import DataBundle
 
 CACHE_NAME = "train.arrow"
 
@@ -35,27 +35,25 @@ def _column(a: np.ndarray) -> pa.Array:
 def write_cache(bundle: DataBundle, directory: str | os.PathLike, name: str = CACHE_NAME) -> Path:
     """Write the training split of ``bundle`` to ``directory/name``; return the path.
 
-    Written to a temporary file and renamed, so a reader never sees half a cache.
+    Written through `atomic_path`, so a reader never sees half a cache and a
+    failed write leaves nothing behind. An unwritable directory is a `DataError`.
     """
     if bundle.x_train is None or bundle.y_train is None:
         raise DataError("cache: the bundle has no in-memory training rows (streaming mode)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     x, y = bundle.x_train, bundle.y_train
     meta = {"task": bundle.task, "rows": int(len(x)), "n_features": int(x.shape[1]),
             "n_outputs": int(bundle.n_outputs), "dtype": str(x.dtype), "source": bundle.source}
     schema = pa.schema([("x", _column(x[:0]).type), ("y", _column(y[:0]).type)],
                        metadata={"distbackprop": json.dumps(meta)})
     batch = pa.record_batch([_column(x), _column(y)], schema=schema)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
     try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / name) as tmp, \
+                pa.OSFile(os.fspath(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_batch(batch)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"cache: cannot write {directory / name}: {exc}") from exc
     return directory / name
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from distbackprop.errors import ConfigError
+from distbackprop.errors import InputError
 
 
-class DataError(ConfigError):
+class DataError(InputError):
     """Unreadable, ill-typed or invalid data; each problem names the file, column and/or row.
 
     Row numbers in messages are 0-based positions within the named file (the CSV

@@ -25,7 +25,7 @@ from distbackprop.data.schema import (
     normalize_names,
     plan_columns,
 )
-from distbackprop.data.sources import check_fragment_columns, open_source
+from distbackprop.data.sources import check_fragment_columns, open_source, read_error
 
 _READ_ROWS = 1 << 16
 
@@ -49,7 +49,8 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
 
     Returns a JSON-serialisable dict (keys: source, format, files, row_groups,
     rows, schema, target, task, features, n_features, class_counts,
-    target_summary, nan_counts, problems, notes).
+    target_summary, nan_counts, problems, warnings, notes). ``warnings`` are what
+    training would do differently from what the file holds (a column left out).
     """
     src = open_source(path, "data")
     schema = src.schema
@@ -76,7 +77,10 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
     rows = 0
     row_groups = 0
     classify = bool(plan is not None and plan.task == "classification" and plan.target_names)
+    # first non-integral float label: (file, row in file, value), for the problem message
+    non_integral: tuple[str, int, float] | None = None
     for frag in src.fragments:
+        file_row = 0  # rows of this file before the current batch: messages count per file
         try:
             check_fragment_columns(src, frag, names)
         except DataError as exc:
@@ -93,7 +97,14 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
                 for c in names:
                     nan_counts[c] += _bad_count(batch.column(c))
                 if classify:
-                    counts = pc.value_counts(label_array(table, plan.target_names[0]))
+                    labels = label_array(table, plan.target_names[0])
+                    if non_integral is None and pa.types.is_floating(labels.type):
+                        v = labels.to_numpy(zero_copy_only=False).astype(np.float64)
+                        frac = np.flatnonzero(np.isfinite(v) & (v != np.round(v)))
+                        if len(frac):
+                            non_integral = (frag.path, file_row + int(frac[0]),
+                                            float(v[frac[0]]))
+                    counts = pc.value_counts(labels)
                     for item in counts.to_pylist():
                         if item["values"] is not None:
                             class_counts[item["values"]] = (class_counts.get(item["values"], 0)
@@ -112,22 +123,24 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
                     st[0] += numbers
                     st[1] += table.num_rows - table.column(c).null_count
                     if st[2] < 0 and row >= 0:
-                        st[2], st[3] = rows + row, (frag.path, value)
+                        st[2], st[3] = file_row + row, (frag.path, value)
                 rows += batch.num_rows
+                file_row += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"data: cannot read {frag.path}: {exc}") from exc
+            raise read_error(frag, exc) from exc
 
     notes = list(plan.notes) if plan else []
+    warnings = list(plan.warnings) if plan else []
     for c, (numbers, valid, row, info) in suspect_state.items():
         if row >= 0 and numbers * 2 > valid:
-            problems.append(f"data: column {c!r} is not numeric: {info[1]!r} in {info[0]} "
-                            f"({numbers} of {valid} values are numbers)")
+            problems.append(f"data: column {c!r} of {info[0]} is not numeric: row {row} holds "
+                            f"{info[1]!r} ({numbers} of {valid} values are numbers)")
     if rows == 0:
         problems.append(f"data: {path} has no rows")
-    if classify and plan.task == "classification":
-        bad_labels = [k for k in class_counts if isinstance(k, float) and not float(k).is_integer()]
-        if bad_labels:
-            problems.append(f"data: target has non-integral values such as {bad_labels[0]!r}")
+    if non_integral is not None:
+        f, r, v = non_integral
+        problems.append(f"data: classification target {plan.target_names[0]!r} holds "
+                        f"non-integral value {v!r} at row {r} of {f}; use --task regression")
     roles = {}
     if plan is not None:
         roles.update(dict.fromkeys(plan.feature_names, "feature"))
@@ -156,6 +169,7 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
         "target_summary": summary,
         "nan_counts": {c: n for c, n in nan_counts.items()},
         "problems": problems,
+        "warnings": warnings,
         "notes": notes,
     }
 
@@ -198,6 +212,8 @@ def format_inspect(d: dict[str, Any]) -> str:
             lines.append(f"target {t}: min {s['min']:.6g}, max {s['max']:.6g}, "
                          f"mean {s['mean']:.6g}" if s["mean"] is not None else
                          f"target {t}: no finite values")
+    for w in d.get("warnings") or []:
+        lines.append(f"warning: {w}")
     for n in d.get("notes") or []:
         lines.append(f"note: {n}")
     lines.append("")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distbackprop.atomic import atomic_path
 from distbackprop.data.bundle import prepare_inference
 from distbackprop.data.errors import DataError
 
@@ -55,15 +55,10 @@ def write_predictions(model: Any, data: str, out: str | os.PathLike) -> int:
                                 dtype=getattr(model, "dtype", np.float64))
     table = prediction_table(model.meta, model.predict(x))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise DataError(f"out: cannot write {out}: {exc}") from exc
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            pq.write_table(table, tmp)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"out: cannot write {out}: {exc}") from exc
     return table.num_rows

@@ -1,6 +1,6 @@
 """Which columns are the target and the features, and turning them into NumPy arrays.
 
-Rules (CONTRACT ``--target``/``--features``/``--task``):
+Rules for ``--target``, ``--features`` and ``--task``:
 
 * task: ``classification`` when the (single) target is integer, string, boolean
   or dictionary-encoded; ``regression`` when the target column(s) are floating
@@ -73,7 +73,9 @@ class ColumnPlan:
     ``feature_names`` are source columns; column ``i`` contributes
     ``feature_widths[i]`` consecutive features, so ``n_features = sum(widths)``.
     ``suspects`` are string columns default inference left out, to be checked
-    once their values are read (`audit_suspects`).
+    once their values are read (`audit_suspects`). ``warnings`` name each column
+    default inference left out (it changes what is trained); ``notes`` are
+    informational (partition keys, which are left out by rule).
     """
 
     task: str
@@ -83,6 +85,7 @@ class ColumnPlan:
     ignored: tuple[str, ...] = ()
     suspects: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def n_features(self) -> int:
@@ -145,7 +148,7 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
         if resolved == "classification":
             if len(present_targets) > 1:
                 problems.append(f"{role}: classification takes one target column, got "
-                                f"{', '.join(present_targets)}")
+                                f"{', '.join(map(repr, present_targets))} in {source}")
             elif not (_is_label(types[0]) or pa.types.is_floating(types[0])):
                 problems.append(f"{role}: target column {present_targets[0]!r} in {source} has "
                                 f"type {types[0]}, which cannot be a class label")
@@ -172,7 +175,8 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
                                 f"(columns: {_preview(names)})")
                 continue
             if c in targets:
-                problems.append(f"{role}: column {c!r} is both the target and a feature")
+                problems.append(f"{role}: column {c!r} of {source} is both the target and a "
+                                "feature")
                 continue
             tp = schema.field(c).type
             w = fixed_width(tp)
@@ -206,10 +210,14 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
                         "have zero width")
     if problems:
         raise DataError(problems)
-    notes = tuple(f"column {c!r} ({schema.field(c).type}) is not numeric: not a feature"
-                  for c in (*ignored, *suspects))
+    warnings = tuple(f"column {c!r} ({schema.field(c).type}) of {source} is not numeric: "
+                     "left out of the features (name the features with --features to "
+                     "silence this)" for c in (*ignored, *suspects))
+    parts = [c for c in partition_columns if c in names and c not in targets and not features]
+    notes = tuple(f"partition column {c!r} of {source} is not a feature (name it in --features "
+                  "to use it)" for c in parts)
     return ColumnPlan(resolved, tuple(present_targets), tuple(feats), tuple(widths),
-                      tuple(ignored), tuple(suspects), notes)
+                      tuple(ignored), tuple(suspects), notes, warnings)
 
 
 def _type_problem(role: str, source: str, column: str, tp: pa.DataType) -> str:

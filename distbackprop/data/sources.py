@@ -11,6 +11,7 @@ the file it came from.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,13 +178,36 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# pyarrow's CSV reader: "In CSV column #1: Row #7: CSV conversion error to double: invalid
+# value '2.5.3'" -- the column is 0-based, the row a 1-based line number counting the header.
+_CSV_CONVERSION = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to "
+                             r"([^:]+): invalid value '(.*)'", re.DOTALL)
+
+
+def read_error(fragment: ds.Fragment, exc: BaseException, role: str = "data") -> DataError:
+    """The `DataError` for a failed read of ``fragment``: names its file, and for a CSV cell
+    that does not fit the column's type (a directory's type comes from its first file) the
+    column, the 0-based data row and the value."""
+    m = _CSV_CONVERSION.search(str(exc))
+    if m:
+        index, line, typ, value = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        try:
+            column = repr(fragment.physical_schema.names[index])
+        except (pa.ArrowException, OSError, IndexError):
+            column = f"#{index}"
+        return DataError(f"{role}: column {column} of {fragment.path} is not {typ}: row "
+                         f"{line - 2} (line {line}) holds {value!r}; fix the value or leave "
+                         "the column out with --features")
+    return DataError(f"{role}: cannot read {fragment.path}: {_short(exc)}")
+
+
 def read_fragment(src: Source, fragment: ds.Fragment, columns: list[str],
                   role: str = "data") -> pa.Table:
     """Read ``columns`` of one fragment; a read error becomes a `DataError` naming its file."""
     try:
         return fragment.to_table(schema=src.schema, columns=columns)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{role}: cannot read {fragment.path}: {_short(exc)}") from exc
+        raise read_error(fragment, exc, role) from exc
 
 
 def check_fragment_columns(src: Source, fragment: ds.Fragment, columns: list[str],

@@ -29,21 +29,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from distbackprop.data.batcher import epoch_seed, rank_bounds
-from distbackprop.data.bundle import (
-    Arrays,
-    BadRows,
-    DataBundle,
-    convert_table,
-    encode_or_raise,
-    read_validation,
-)
 from distbackprop.data.errors import DataError
+from distbackprop.data.options import DataOptions
 from distbackprop.data.schema import ColumnPlan, audit_suspects, classes_of, encode_labels
 from distbackprop.data.sources import (
     Source,
@@ -52,9 +44,16 @@ from distbackprop.data.sources import (
     read_fragment,
 )
 from distbackprop.data.standardize import RunningStats, standardize_
-
-if TYPE_CHECKING:
-    from distbackprop.config import TrainConfig
+from distbackprop.data.tables import (
+    Arrays,
+    BadRows,
+    DataBundle,
+    convert_table,
+    dropped_warning,
+    encode_or_raise,
+    read_validation,
+    untrained_class_warnings,
+)
 
 DEFAULT_SHUFFLE_BUFFER = 8192
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -149,19 +148,22 @@ def _list_pieces(src: Source, plan: ColumnPlan, role: str) -> Iterator[tuple]:
             yield frag, None, 0, None
 
 
-def load_streaming(config: TrainConfig, src: Source, plan: ColumnPlan, path: str,
+def load_streaming(options: DataOptions, src: Source, plan: ColumnPlan, path: str,
                    fraction: float) -> DataBundle:
     """The driver's one pass over the training data for streaming mode.
 
     Checks every row (the bad-row policy applies to the whole dataset before the
     first step), gathers mean/std over training rows only, the sorted class list
     and the validation rows; returns a bundle whose ``stream`` is the plan.
+    ``options``: what `load_training_data` was given (a `DataOptions`).
     """
-    dtype = np.dtype(config.dtype)
+    opts = DataOptions.of(options)
+    dtype = np.dtype(opts.dtype)
     role = "data"
     frags = {f.path: f for f in src.fragments}
     stats = RunningStats(plan.n_features)
     uniques: list[np.ndarray] = []
+    trained: list[np.ndarray] = []  # labels of training rows, to find classes never trained
     val_x: list[np.ndarray] = []
     val_t: list[np.ndarray] = []
     reports: dict[str, BadRows] = {}
@@ -180,12 +182,13 @@ def load_streaming(config: TrainConfig, src: Source, plan: ColumnPlan, path: str
             else:
                 reports[r.what] = r
         dropped += int(conv.bad.sum())
-        held = holdout_mask(np.arange(start, start + piece.rows), config.seed, fraction)
+        held = holdout_mask(np.arange(start, start + piece.rows), opts.seed, fraction)
         good = ~conv.bad
         train = good & ~held
         stats.update_(conv.x[train])
         if conv.labels is not None:
             uniques.append(np.unique(conv.labels[good]))
+            trained.append(np.unique(conv.labels[train]))
         if held.any():
             keep = good & held
             val_x.append(conv.x[keep])
@@ -194,7 +197,7 @@ def load_streaming(config: TrainConfig, src: Source, plan: ColumnPlan, path: str
         start += piece.rows
     if start == 0:
         raise DataError(f"{role}: {path} has no rows")
-    if reports and config.on_bad_rows != "drop":
+    if reports and opts.on_bad_rows != "drop":
         raise DataError([r.message(role) for r in reports.values()])
     n_train = sum(p.usable for p in pieces)
     if n_train == 0:
@@ -202,24 +205,32 @@ def load_streaming(config: TrainConfig, src: Source, plan: ColumnPlan, path: str
                         "holding out validation rows")
 
     classes = classes_of(np.concatenate(uniques)) if uniques else None
-    mean, std = stats.finalize() if config.standardize else (
+    mean, std = stats.finalize() if opts.standardize else (
         np.zeros(plan.n_features), np.ones(plan.n_features))
     x_val = y_val = None
-    if config.val_data is not None:
-        x_val, y_val, _ = read_validation(config.val_data, plan, classes, dtype,
-                                          config.on_bad_rows)
+    extra: list[str] = []
+    if opts.val_data is not None:
+        x_val, y_val, val_dropped = read_validation(opts.val_data, plan, classes, dtype,
+                                                    opts.on_bad_rows)
+        if val_dropped:
+            extra.append(dropped_warning(val_dropped, opts.val_data))
     elif val_x:
         x_val = np.concatenate(val_x)
         raw = np.concatenate(val_t)
         y_val = encode_labels(raw, classes)[0] if classes is not None else raw
-    if x_val is not None and config.standardize:
+    if x_val is not None and opts.standardize:
         standardize_(x_val, mean, std)
-    notes = list(plan.notes)
+    warnings = list(plan.warnings)
     if dropped:
-        notes.append(f"dropped {dropped} row(s) of {path} with NaN, inf or missing values")
+        warnings.append(dropped_warning(dropped, path))
+    warnings.extend(extra)
+    if classes is not None:
+        seen = np.unique(np.concatenate(trained))
+        warnings.extend(untrained_class_warnings(encode_labels(seen, classes)[0], classes,
+                                                 plan.target_names[0], path))
     stream = StreamPlan(path, plan, None if classes is None else tuple(classes), mean, std,
-                        bool(config.standardize), dtype.name, config.on_bad_rows,
-                        int(config.seed), fraction, tuple(pieces))
+                        bool(opts.standardize), dtype.name, opts.on_bad_rows,
+                        int(opts.seed), fraction, tuple(pieces))
     return DataBundle(
         x_train=None, y_train=None, x_val=x_val, y_val=y_val, task=plan.task,
         n_features=plan.n_features,
@@ -227,7 +238,7 @@ def load_streaming(config: TrainConfig, src: Source, plan: ColumnPlan, path: str
         classes=classes, feature_names=list(plan.feature_names),
         target_names=list(plan.target_names), mean=mean, std=std, source=path,
         feature_widths=list(plan.feature_widths), dtype=dtype.name, n_train=n_train,
-        dropped_rows=dropped, notes=notes, stream=stream)
+        dropped_rows=dropped, notes=list(plan.notes), warnings=warnings, stream=stream)
 
 
 def assign_pieces(pieces: tuple[Piece, ...], shares: list[int], seed: int) -> list[list[int]]:
@@ -282,8 +293,8 @@ class StreamingBatcher:
         if self.steps_per_epoch == 0:
             usable = sum(1 for p in plan.pieces if p.usable)
             raise DataError(
-                f"streaming: {usable} piece(s) (row groups or files) with {plan.n_train} "
-                f"training rows cannot give {len(live)} worker(s) a batch share of "
+                f"streaming: {usable} piece(s) (row groups or files) of {plan.source} with "
+                f"{plan.n_train} training rows cannot give {len(live)} worker(s) a batch share of "
                 f"{max(self.shares)} rows each; write more, smaller row groups, use fewer "
                 "workers, or train in memory")
         self.share = self.shares[self.rank]

@@ -1,17 +1,18 @@
 """Run history on disk: ``history.parquet`` (one row per step) and ``memory.parquet``.
 
-history.parquet columns (public: extend, never rename):
+history.parquet columns (extend, never rename: readers select columns by name):
 ``step, epoch, loss, samples, lr, grad_global_norm, grad_max_abs, nonfinite, skipped,
-step_seconds, time/<phase> for phase in PHASES, grad_norm/<layer>, update_ratio/<layer>``.
+step_seconds, sharpness, workers, time/<phase> for phase in PHASES, grad_norm/<layer>, update_ratio/<layer>``.
 
 memory.parquet columns: ``step, worker, rss_bytes, peak_rss_bytes, activation_bytes,
 open_fds, threads`` (one row per worker per chunk end; all int64; the last two are
 what a soak watches for leaks).
 
 Chunks are kept as a list of arrays and concatenated once when written, so
-appending costs O(chunk) and nothing is re-copied per step. Files are written to
-a temporary name in the same directory and renamed, so a reader never sees half
-a file. pyarrow.parquet is used here by the project's rule for history writers.
+appending costs O(chunk) and nothing is re-copied per step. Files are written
+through `distbackprop.atomic.atomic_path` (temporary name, fsync, rename), so a
+reader never sees half a file. pyarrow.parquet is used here by the project's rule
+for history writers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import atomic_path
 from ..errors import ConfigError
 from .health import PHASES
 
@@ -50,12 +52,8 @@ def history_columns(layers: Sequence[str]) -> list[str]:
 def _write_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -9,14 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distbackprop.config import ConfigError
-from distbackprop.data import inspect, load_training_data, prepare_inference
+from distbackprop.data import DataError, inspect, load_training_data, prepare_inference
 from tests.data.conftest import cfg, write
 
 
 def _raises(config_or_call, *patterns: str) -> str:
-    """Run and expect a ConfigError whose message matches every pattern; return it."""
-    with pytest.raises(ConfigError) as info:
+    """Run and expect a DataError (an InputError: exit 2) matching every pattern; return it."""
+    with pytest.raises(DataError) as info:
         if callable(config_or_call):
             config_or_call()
         else:
@@ -72,6 +71,21 @@ def test_csv_text_cell_far_down_a_big_file(tmp_path):
     p = tmp_path / "big.csv"
     p.write_text("\n".join(lines) + "\n")
     _raises(cfg(p), r"column 'a' of .*big\.csv is not numeric: row 59994 holds 'x!'")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_text_cell_in_a_later_csv_of_a_directory_names_column_file_and_row(tmp_path, table,
+                                                                          streaming):
+    """A directory's column types come from its first file; a later file's cell that does
+    not fit is named like one in a single file (0-based data row), in training and inspect."""
+    f1 = [str(v) for v in table.column("f1").to_pylist()]
+    write(_with(table, "f1", f1), tmp_path / "dir" / "a.csv")
+    f1[23] = "2.5.3"
+    write(_with(table, "f1", f1), tmp_path / "dir" / "b.csv")
+    want = (r"column 'f1' of .*dir/b\.csv is not double: row 23 \(line 25\) holds '2\.5\.3'; "
+            r"fix the value or leave the column out with --features")
+    _raises(cfg(tmp_path / "dir", streaming=streaming), "^data: " + want)
+    _raises(lambda: inspect(str(tmp_path / "dir")), want)
 
 
 def test_variable_length_list_is_refused(tmp_path):
@@ -206,3 +220,59 @@ def test_several_problems_reported_at_once(tmp_path, table):
     msg = _raises(cfg(p, target="nope", features=("zz", "f0")), r"'nope' not found",
                   r"'zz' not found")
     assert msg.count("not found") == 2
+
+
+# ------------------------------------------------ nothing half-written is left behind
+def test_failed_prediction_write_leaves_no_file(tmp_path, table, monkeypatch):
+    from distbackprop.data import predictions, write_predictions
+
+    class Model:
+        dtype = np.float64
+
+        def __init__(self, meta):
+            self.meta = meta
+
+        def predict(self, x):
+            return np.zeros((len(x), 3))
+
+    src = write(table, tmp_path / "d.parquet")
+    model = Model(load_training_data(cfg(src)).model_meta())
+    out = tmp_path / "pred" / "p.parquet"
+
+    def half_then_fail(tbl, where, **kw):
+        with open(where, "wb") as f:
+            f.write(b"PAR1 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(predictions.pq, "write_table", half_then_fail)
+    _raises(lambda: write_predictions(model, str(src), out),
+            r"out: cannot write .*pred/p\.parquet: .*No space left on device")
+    assert list(out.parent.iterdir()) == []
+    # a bad input file is refused before the output directory is touched
+    _raises(lambda: write_predictions(model, str(tmp_path / "nope.parquet"), tmp_path / "o" / "p"),
+            r"file not found: .*nope\.parquet")
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_cache_write_leaves_no_file(tmp_path, monkeypatch):
+    from distbackprop.data import cache, write_cache
+
+    b = load_training_data(cfg(None))
+
+    class Broken:
+        def __init__(self, *a, **kw):
+            raise pa.ArrowIOError("disk went away")
+
+    monkeypatch.setattr(cache.pa.ipc, "new_file", Broken)
+    _raises(lambda: write_cache(b, tmp_path / "c"), r"cache: cannot write .*c/train\.arrow: "
+            r"disk went away")
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_target_problems_name_the_file(tmp_path, table):
+    p = write(table.append_column("t2", pa.array(np.arange(40))), tmp_path / "d.parquet")
+    _raises(cfg(p, target=("target", "t2"), task="classification"),
+            r"classification takes one target column, got 'target', 't2' in .*d\.parquet")
+    _raises(cfg(p, features=("f0", "target")),
+            r"column 'target' of .*d\.parquet is both the target and a feature")
+

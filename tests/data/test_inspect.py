@@ -64,5 +64,17 @@ def test_inspect_lists_problems_instead_of_raising(tmp_path):
     f1 = [str(v) for v in t.column("f1").to_pylist()]
     f1[6] = "oops"
     d2 = inspect(str(write(t.set_column(1, "f1", pa.array(f1)), tmp_path / "b.csv")))
-    assert any("'f1' is not numeric: 'oops'" in p for p in d2["problems"])
+    assert f"data: column 'f1' of {tmp_path / 'b.csv'} is not numeric: row 6 holds 'oops' " \
+        "(9 of 10 values are numbers)" in d2["problems"]
     assert "problems:\n  - " in format_inspect(d2)
+
+
+def test_inspect_warns_about_columns_training_would_leave_out(tmp_path):
+    t = make_table(10).append_column("name", pa.array([f"n{i}" for i in range(10)]))
+    p = write(t, tmp_path / "d.parquet")
+    d = inspect(str(p))
+    assert d["problems"] == []
+    assert d["warnings"] == [f"column 'name' (string) of {p} is not numeric: left out of the "
+                             "features (name the features with --features to silence this)"]
+    assert f"warning: column 'name' (string) of {p}" in format_inspect(d)
+

@@ -113,9 +113,11 @@ def test_default_features_leave_out_text_columns_and_explicit_features_select(tm
     path = write(t, tmp_path / "d.csv")
     b = load_training_data(cfg(path))
     assert b.feature_names == ["f0", "f1", "f2", "id"]
-    assert any("'name'" in n for n in b.notes)
+    assert [w for w in b.warnings if "'name'" in w and str(path) in w] == b.warnings
+    assert len(b.warnings) == 1 and "left out of the features" in b.warnings[0]
     b2 = load_training_data(cfg(path, features=("f2", "f0")))
     assert b2.feature_names == ["f2", "f0"]
+    assert b2.warnings == []  # the user chose the features: nothing was left out silently
     np.testing.assert_array_equal(b2.x_train[:, 0], t.column("f2").to_numpy())
 
 
@@ -202,6 +204,8 @@ def test_dropping_bad_rows_counts_them(tmp_path, streaming):
     b = load_training_data(cfg(write(t, tmp_path / "d.parquet"), on_bad_rows="drop",
                                streaming=streaming))
     assert b.dropped_rows == 3 and b.n_train == 17
-    assert any("dropped 3 row(s)" in n for n in b.notes)
+    assert [w for w in b.warnings if w.startswith("dropped 3 row(s) of ")] == b.warnings
+    assert len(b.warnings) == 1 and "d.parquet" in b.warnings[0]
+    assert b.notes == []
     if not streaming:
         assert sorted(b.x_train[:, 3].tolist()) == [i for i in range(20) if i not in (3, 5, 11)]

@@ -133,7 +133,8 @@ def test_too_few_pieces_for_the_workers(tmp_path):
     write(pa.table({"a": np.arange(10.0), "target": np.arange(10) % 2}),
           tmp_path / "one.parquet")
     plan = load_training_data(_stream_cfg(tmp_path / "one.parquet")).stream
-    with pytest.raises(DataError, match=r"1 piece\(s\) .* cannot give 2 worker\(s\)"):
+    with pytest.raises(DataError, match=r"1 piece\(s\) \(row groups or files\) of "
+                       r".*one\.parquet with \d+ training rows cannot give 2 worker\(s\)"):
         StreamingBatcher(plan, batch_size=4, world=2)
 
 

@@ -166,14 +166,18 @@ def test_image_builds_runs_as_non_root_and_trains(containers, base_image, tmp_pa
         cidfile = tmp_path / "train.cid"
         res = containers.pod("run", "--rm", *RUN_LIMITS, "--network", "none", "--no-healthcheck",
                              "--cidfile", str(cidfile), "-v", f"{out}:/out", tag,
-                             "train", "--local", "--hidden", "32", "--epochs", "2",
+                             # 3 epochs at lr 1e-2 reach 0.96 val accuracy here (seed
+                             # 0; 0.94-0.98 over seeds 0-4), in ~1.5 s of training:
+                             # enough to tell learning from chance (0.1) with margin.
+                             "train", "--local", "--hidden", "32", "--epochs", "3",
+                             "--lr", "1e-2",
                              "--out", "/out/run", "--metrics-port", "0", "--quiet",
                              timeout=600, check=False)
         cids.append(cidfile.read_text().strip())
         assert res.returncode == 0, res.stdout + res.stderr
         summary = json.loads((out / "run/summary.json").read_text())
-        assert summary["workers"] == 1 and summary["epochs"] == 2 and summary["steps"] > 0
-        assert summary["val_accuracy"] > 0.1
+        assert summary["workers"] == 1 and summary["epochs"] == 3 and summary["steps"] > 0
+        assert summary["val_accuracy"] >= 0.9, summary
         assert (out / "run/model.npz").stat().st_uid == 10001
 
         # The HEALTHCHECK: healthy once the coordinator serves /metrics.

@@ -195,12 +195,14 @@ def test_ray_up_submit_down(ssh_user, sshd, wheelhouse, project_wheel, tmp_path)
 
         run([ray, "submit", "--no-config-cache", "--disable-usage-stats",
                    "--log-style", "record", str(cfg_path), str(REPO / "deploy/ray/train_job.py"),
-                   "--", "--workers", "2", "--hidden", "32", "--epochs", "2",
+                   # 3 epochs at lr 1e-2: 0.96 val accuracy with seed 0 (0.94-0.98
+                   # over seeds 0-4); the same global batches as one worker would take
+                   "--", "--workers", "2", "--hidden", "32", "--epochs", "3", "--lr", "1e-2",
                    "--out", str(out), "--metrics-port", "0", "--quiet"],
                   timeout=600, **common)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["workers"] == 2 and summary["steps"] > 0
-        assert summary["epochs"] == 2 and summary["val_accuracy"] > 0.1
+        assert summary["epochs"] == 3 and summary["val_accuracy"] >= 0.9, summary
         assert (out / "model.npz").exists()
         assert (home / ".ray/auth_token").read_text().strip() == token
         assert oct((home / ".ray/auth_token").stat().st_mode & 0o777) == "0o600"

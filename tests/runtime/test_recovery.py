@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -75,39 +81,107 @@ def test_watchdog_catches_a_hung_worker(ray_cluster, reference, tmp_path, monkey
                for p in res.worker_pids)
 
 
-def _ray_pids() -> set[int]:
-    out = set()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ray" in cmd or "distbackprop" in cmd:
-            out.add(p.info["pid"])
-    return out
+class RunProcesses:
+    """The processes one CLI run started, and only those: other Ray instances on the machine
+    (other tests, other users) can neither fail nor pass the leak check.
+
+    A process belongs to the run when it was seen as a descendant of the run's process, or
+    when its command line names the run's own Ray temp dir (``RAY_TMPDIR``: raylet, GCS and
+    Ray workers carry their session directory on the command line, even once orphaned).
+    Each is identified by (pid, start time), so a recycled PID is not mistaken for it.
+    """
+
+    def __init__(self, root_pid: int, marker: str):
+        self.root_pid = root_pid
+        self.marker = marker
+        self.seen: dict[int, float] = {}
+        self.commands: dict[int, str] = {}  # as first seen, for messages and the self-check
+
+    def _add(self, p: psutil.Process) -> None:
+        if p.pid in self.seen:
+            return
+        with contextlib.suppress(psutil.Error):
+            started, cmd = p.create_time(), " ".join(p.cmdline())
+            self.seen[p.pid] = started
+            self.commands[p.pid] = cmd
+
+    def poll(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.root_pid).children(recursive=True):
+                self._add(child)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if self.marker in " ".join(p.info["cmdline"] or []):
+                self._add(p)
+
+    def alive(self) -> list[psutil.Process]:
+        """Attributed processes still running (zombies count as gone)."""
+        left = []
+        for pid, started in self.seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+            except psutil.Error:
+                pass
+        return left
 
 
 def test_max_failures_exits_1_naming_the_checkpoint(tmp_path):
     d = tmp_path / "faults"
     d.mkdir()
-    before = _ray_pids()
+    # Short, unique Ray temp dir: socket paths under it must stay below the AF_UNIX limit.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dbp-rec-", dir="/tmp"))
+    env = {**os.environ, "DISTBACKPROP_TEST_FAULTS": json.dumps(
+        {"exit_at": {"6": [1], "14": [0]}, "dir": str(d)}),
+        "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
     t0 = time.monotonic()
-    r = run_cli("train", "--workers", "2", "--hidden", "16", "--max-steps", "40",
-                "--chunk-steps", "2", "--checkpoint-every", "4", "--max-failures", "1",
-                "--metrics-port", "0", "--quiet", "--out", str(tmp_path / "run"),
-                env={"DISTBACKPROP_TEST_FAULTS": json.dumps(
-                    {"exit_at": {"6": [1], "14": [0]}, "dir": str(d)}),
-                    "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"},
-                timeout=120)
-    elapsed = time.monotonic() - t0
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert elapsed < 60 + 15  # the run itself, plus Ray's own start-up
-    assert "Last good checkpoint:" in r.stderr
-    # The failure itself saves the last commit (step 14), newer than the periodic one (12).
-    assert "checkpoints/step-00000014" in r.stderr, r.stderr[-2000:]
-    assert (tmp_path / "run" / "checkpoints" / "step-00000014" / "manifest.json").exists()
-    assert "rank 0" in r.stderr
-    time.sleep(2)
-    left = [p for p in _ray_pids() - before
-            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not left, [psutil.Process(p).cmdline() for p in left]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distbackprop", "train", "--workers", "2", "--hidden", "16",
+         "--max-steps", "40", "--chunk-steps", "2", "--checkpoint-every", "4",
+         "--max-failures", "1", "--metrics-port", "0", "--quiet",
+         "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run = RunProcesses(proc.pid, str(ray_tmp))
+    left: list[psutil.Process] = []
+    out: dict = {}
+
+    def drain() -> None:
+        out["stdout"], out["stderr"] = proc.communicate()
+
+    # drain the pipes in a thread while polling, so a chatty run cannot block on them
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        while reader.is_alive() and time.monotonic() - t0 < 120:
+            run.poll()
+            reader.join(timeout=0.2)
+        assert not reader.is_alive(), "the run did not end within 120 s"
+        elapsed = time.monotonic() - t0
+        stderr = out["stderr"]
+        assert proc.returncode == 1, stderr[-2000:]
+        assert elapsed < 60 + 15  # the run itself, plus Ray's own start-up
+        assert "Last good checkpoint:" in stderr
+        # The failure itself saves the last commit (step 14), newer than the periodic one (12).
+        assert "checkpoints/step-00000014" in stderr, stderr[-2000:]
+        assert (tmp_path / "run" / "checkpoints" / "step-00000014" / "manifest.json").exists()
+        assert "rank 0" in stderr
+        # the check below means something only if the run's Ray session was seen
+        assert any("raylet" in c for c in run.commands.values()), run.commands
+        assert any("gcs_server" in c for c in run.commands.values()), run.commands
+        deadline = time.monotonic() + 10
+        while (left := run.alive()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, [run.commands[p.pid] for p in left]
+        print(f"\n{len(run.seen)} processes attributed to the run, none left")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        reader.join(timeout=30)
+        for p in run.alive():  # only what this run started, by PID
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("mode", ["local", "workers"])
