@@ -29,7 +29,10 @@ _HELP = {
     "streaming": "stream row groups instead of memory-mapping the data",
     "on_bad_rows": "error|drop rows with NaN/inf",
     "hidden": "hidden layer widths, e.g. 128,64",
-    "activation": "relu|leaky_relu|sigmoid|tanh|gelu|softplus|identity",
+    "activation": "relu|leaky_relu|sigmoid|tanh|gelu|softplus|identity|hardtanh, or the "
+                  "straight-through sign|round",
+    "quantize_bits": "with --activation round: quantize to 2^K levels in [-1, 1]",
+    "label_smoothing": "cross_entropy targets (1-eps)*onehot + eps/classes (default 0)",
     "init": "he|xavier|normal (he for relu-like, xavier otherwise)",
     "dtype": "float32|float64",
     "remat_every": "gradient checkpointing: keep every K-th layer's input, recompute the rest",
@@ -41,7 +44,7 @@ _HELP = {
     "clip_norm": "clip the global gradient norm to this value",
     "lr_schedule": "constant|cosine|step",
     "local": "one process: no Ray, no MPI",
-    "workers": "number of data-parallel workers (Ray actors)",
+    "workers": "data-parallel workers (Ray actors): N, or MIN:MAX for an elastic group",
     "ray_address": "join this Ray cluster (default $RAY_ADDRESS, else a local instance)",
     "placement": "pack|spread workers over nodes",
     "update_on": "workers|coordinator: where the optimizer step runs",
@@ -56,7 +59,8 @@ _HELP = {
     "metrics_linger": "keep serving metrics this many seconds after training",
     "out": "run directory (default runs/<UTC timestamp>)",
     "checkpoint_every": "write a checkpoint every N steps",
-    "resume": "continue the run in DIR from its newest good checkpoint",
+    "resume": "continue the run in DIR from its newest good checkpoint; 'auto': continue "
+              "--out DIR if it holds one, else start fresh",
     "max_failures": "worker-group restarts allowed before the run fails",
     "watchdog_seconds": "a chunk not back within this is a hang (default: from step time)",
     "rendezvous_timeout": "seconds for the workers to start and form the MPI group",
@@ -132,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gradcheck", help="finite-difference check of every parameter "
                        "(float64)")
-    _add_config_flags(g, only=("hidden", "activation", "init", "loss", "data", "target",
-                               "seed", "task", "features"))
+    _add_config_flags(g, only=("hidden", "activation", "quantize_bits", "init", "loss", "data",
+                               "target", "seed", "task", "features"))
     g.add_argument("--rows", type=int, default=8, help="examples in the check batch")
     g.add_argument("--tol", type=float, default=1e-6, help="relative error tolerance")
 

@@ -166,7 +166,8 @@ def test_pickled_model_refused_without_running_payload(tmp_path):
     np.savez(tmp_path / "model.npz", params=arr, allow_pickle=True)
     r = run_cli("evaluate", "--model", str(tmp_path / "model.npz"), "--data", "x.parquet")
     assert r.returncode == 2, r.stderr
-    assert f"model: {tmp_path / 'model.npz'}: not a readable distbackprop model" in r.stderr
+    assert (f"model: {tmp_path / 'model.npz'}: member 'params' is a pickled object array; "
+            "refused") in r.stderr
     assert not marker.exists()
 
 
@@ -199,3 +200,17 @@ def test_data_inspect_command():
     r = run_cli("data", "inspect", str(embedded_digits_path()))
     assert r.returncode == 0, r.stderr
     assert "rows:     1797\n" in r.stdout and "problems: none" in r.stdout
+
+
+def test_a_dropped_column_is_a_warning_even_with_quiet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"f0": rng.standard_normal(64), "f1": ["a"] * 64,
+                             "target": rng.integers(0, 2, 64)}), path)
+    r = run_cli("train", "--local", "--data", str(path), "--max-steps", "2", "--quiet",
+                "--metrics-port", "0", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"distbackprop: warning: column 'f1' (string) of {path} is not numeric: left out "
+            "of the features") in r.stderr

@@ -2,7 +2,8 @@
 
 history.parquet columns (extend, never rename: readers select columns by name):
 ``step, epoch, loss, samples, lr, grad_global_norm, grad_max_abs, nonfinite, skipped,
-step_seconds, sharpness, workers, time/<phase> for phase in PHASES, grad_norm/<layer>, update_ratio/<layer>``.
+step_seconds, sharpness, workers, time/<phase> for phase in PHASES, grad_norm/<layer>,
+update_ratio/<layer>``.
 
 memory.parquet columns: ``step, worker, rss_bytes, peak_rss_bytes, activation_bytes,
 open_fds, threads`` (one row per worker per chunk end; all int64; the last two are

@@ -114,6 +114,9 @@ class Trainer:
                             "or --loss cross_entropy")
         if loss == "bce" and bundle.task == "classification" and bundle.n_outputs != 2:
             problems.append(f"loss: bce needs 2 classes, the target has {bundle.n_outputs}")
+        if cfg.label_smoothing and loss != "cross_entropy":
+            problems.append(f"label_smoothing: only meaningful with loss 'cross_entropy', not "
+                            f"{loss!r} (the loss chosen for this {bundle.task} target)")
         if cfg.launcher == "mpi" and cfg.local:
             problems.append("launcher: mpi cannot be combined with --local")
         if cfg.streaming and cfg.min_workers != cfg.max_workers:

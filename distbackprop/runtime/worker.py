@@ -41,7 +41,8 @@ class ReplicaSpec:
         """The configured MLP, initialised from `config.seed` (identical on every replica)."""
         c = self.config
         return MLP([self.n_in, *c.hidden, self.n_out], activation=c.activation,
-                   dtype=np.dtype(c.dtype), seed=c.seed, init=c.resolved_init)
+                   dtype=np.dtype(c.dtype), seed=c.seed, init=c.resolved_init,
+                   quantize_bits=c.quantize_bits)
 
     def build_rule(self, model: MLP) -> UpdateRule:
         """The coordinator's update rule over `model`'s flat buffer, one segment per layer."""
@@ -149,7 +150,8 @@ class Worker:
                                          self.net.activation_bytes())
         t[2] = time.perf_counter()
         dy = loss_grad_buffer(self, y_hat)
-        local_loss = loss_and_grad(self.spec.loss, y_hat, y, float(global_count), dy)
+        local_loss = loss_and_grad(self.spec.loss, y_hat, y, float(global_count), dy,
+                                   label_smoothing=self.config.label_smoothing)
         hook = self._bucketer.mark_ready_ if self._bucketer is not None else None
         self.net.backward(dy, on_layer_done=hook)
         return local_loss, global_count

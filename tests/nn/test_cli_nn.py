@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.conftest import run_cli
 
 FAST = ("--metrics-port", "0", "--quiet")
@@ -41,8 +39,6 @@ def test_round_without_quantize_bits_is_refused(tmp_path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="until runtime.worker.build_model passes "
-                   "quantize_bits=config.quantize_bits to MLP (remove this marker then)")
 def test_round_trains_with_quantize_bits(tmp_path) -> None:
     from distbackprop.nn import load_model
     out = tmp_path / "round"
