@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..config import TrainConfig
+from .elastic import CapacityTimeout, FixedSize
 from .group import ChunkAbandoned, WorkerFailure, WorkerGroup
 from .placement import Placement, ReplicasDiverged
 from .step import SkipPolicy
@@ -163,8 +164,10 @@ class Coordinator:
     def __init__(self, config: TrainConfig, group_factory: Callable[[int], WorkerGroup],
                  placement: Placement, total_steps: int, commit: Commit,
                  observer: Observer | None = None, *,
-                 stop: Callable[[], float | None] | None = None, stop_grace: float = 5.0):
-        """`stop()` returns when a stop was requested (time.monotonic()) or None."""
+                 stop: Callable[[], float | None] | None = None, stop_grace: float = 5.0,
+                 sizer=None):
+        """`stop()` returns when a stop was requested (time.monotonic()) or None; `sizer`
+        (`FixedSize`/`ElasticSize`) decides each new group's size."""
         self.config = config
         self.group_factory = group_factory
         self.placement = placement
@@ -181,6 +184,8 @@ class Coordinator:
         self._step_estimate: float | None = None
         self._t_fail = 0.0
         self.worker_pids: list[int] = []  # every worker process started, for leak checks
+        self.sizer = sizer or FixedSize(config.world_size)
+        self._next_size: int | None = None
 
     @property
     def commit(self) -> Commit:
@@ -188,7 +193,13 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------
     def _start_group(self) -> None:
-        self.group = self.group_factory(self.config.world_size)
+        try:
+            size = self._next_size or self.sizer.size()
+        except CapacityTimeout as exc:
+            safe = self.keeper.safe()
+            raise TrainingFailed(f"{exc}; the last commit is at step {safe.step}") from None
+        self._next_size = None
+        self.group = self.group_factory(size)
         self.group.interrupt = self._abandon
         try:
             self.group.start()
@@ -239,6 +250,7 @@ class Coordinator:
                             self.stats.recovery_seconds.append(time.monotonic() - self._t_fail)
                         self.state = State.RUNNING
                     self._run_one_chunk()
+                    self._maybe_grow()
                 except WorkerFailure as exc:
                     self._recover(exc)
                 except ChunkAbandoned:
@@ -258,6 +270,22 @@ class Coordinator:
             if self.group is not None:
                 self.group.shutdown(graceful=self.state is State.FINISHED)
                 self.group = None
+
+    def _maybe_grow(self) -> None:
+        """Below the most workers asked for and capacity came back: restart the group larger
+        from the newest commit (a resize, not a failure)."""
+        if self.group is None or self.commit.step >= self.total_steps:
+            return
+        new = self.sizer.grow_to(self.group.size)
+        if new is None or new <= self.group.size:
+            return
+        old = self.group.size
+        self.keeper = CommitKeeper(self.keeper.safe())  # on this node before the group goes
+        self.group.shutdown(graceful=True)
+        self.group = None
+        self._next_size = new
+        self.observer.on_restart(f"capacity for {new} workers (was {old})", "resize",
+                                 self.commit.step)
 
     def _recover(self, exc: WorkerFailure) -> None:
         """Kill the whole group (survivors are stuck inside MPI); the loop starts a new one

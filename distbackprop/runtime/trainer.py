@@ -24,6 +24,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import ConfigError
 from .coordinator import Commit, Coordinator, State, TrainingFailed, summarize_losses
+from .elastic import ElasticSize, FixedSize
 from .group import GroupSpec, LocalGroup, RayGroup, WorkerGroup
 from .placement import make_placement
 from .rundir import Checkpoint, RunDir
@@ -199,7 +200,17 @@ class Trainer:
             cache = str(write_cache(prep.bundle, prep.run_dir.cache_dir))
         group_spec = GroupSpec(prep.spec, cache, os.environ.get("DISTBACKPROP_TEST_FAULTS"))
         return Coordinator(cfg, lambda size: factory(group_spec, size), placement,
-                           prep.total_steps, commit, observer, stop=stop)
+                           prep.total_steps, commit, observer, stop=stop,
+                           sizer=self._sizer(cfg))
+
+    def _sizer(self, cfg: TrainConfig):
+        """Fixed size, or — for `--workers MIN:MAX` on Ray — sized by the free resources."""
+        if self.group_factory is not None or cfg.min_workers == cfg.max_workers:
+            return FixedSize(cfg.world_size)
+        from .raysession import placeable_workers
+        return ElasticSize(cfg.min_workers, cfg.max_workers,
+                           lambda: placeable_workers(cfg.cpus_per_worker),
+                           wait_seconds=cfg.rendezvous_timeout)
 
 
 def _default_factory(prep: PreparedRun) -> GroupFactory:
@@ -268,8 +279,12 @@ class RunObserver:
             self.checkpoint(commit)
 
     def on_restart(self, why: str, reason: str, resume_step: int) -> None:
-        self.restarts += 1
         self.exporter.inc_restarts(reason=reason)
+        if reason == "resize":
+            self.progress.write(f"resizing: {why}; restarting the group from step "
+                                f"{resume_step}")
+            return
+        self.restarts += 1
         self.progress.write(f"worker failure: {why}; restarting the group from step "
                             f"{resume_step}")
 
