@@ -47,7 +47,8 @@ _HELP = {
     "workers": "data-parallel workers (Ray actors): N, or MIN:MAX for an elastic group",
     "ray_address": "join this Ray cluster (default $RAY_ADDRESS, else a local instance)",
     "placement": "pack|spread workers over nodes",
-    "update_on": "workers|coordinator: where the optimizer step runs",
+    "update_on": "workers|coordinator|sharded: where the optimizer step runs (sharded: "
+                 "ZeRO-1, each worker updates its block of the parameters)",
     "overlap": "overlap bucketed allreduce with backward",
     "chunk_steps": "steps per Ray call (default: about one second's worth)",
     "launcher": "ray|mpi (mpi: under mpiexec, rank 0 coordinates)",

@@ -171,7 +171,7 @@ class TrainConfig:
         choice("lr_schedule", SCHEDULES)
         choice("task", TASKS, optional=True)
         choice("on_bad_rows", ("error", "drop"))
-        choice("update_on", ("workers", "coordinator"))
+        choice("update_on", ("workers", "coordinator", "sharded"))
         choice("launcher", ("ray", "mpi"))
         choice("placement", ("pack", "spread"))
         choice("on_nonfinite", ("skip", "abort"))

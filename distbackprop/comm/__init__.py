@@ -16,6 +16,8 @@ from distbackprop.comm.base import (
     checksum,
     flag_max,
     local_checksum,
+    shard_bounds,
+    shard_counts,
 )
 from distbackprop.comm.local import LocalComm
 
@@ -31,4 +33,6 @@ __all__ = [
     "checksum",
     "flag_max",
     "local_checksum",
+    "shard_bounds",
+    "shard_counts",
 ]

@@ -85,6 +85,21 @@ class Communicator(Protocol):
         """In place: buf ← buf of rank `root`. Returns `buf`."""
         ...
 
+    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray,
+                        counts: np.ndarray) -> np.ndarray:
+        """recv ← rank r's block of SUM over ranks of `send` (blocks of `counts`, in order;
+        `recv` has counts[rank] elements). Returns `recv`."""
+        ...
+
+    def allgather_(self, buf: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """In place: every rank's block (of `counts`, in order) of `buf` from its owner."""
+        ...
+
+    def gather_(self, send: np.ndarray, recv: np.ndarray | None, counts: np.ndarray,
+                root: int = 0) -> np.ndarray | None:
+        """`recv` (on `root` only, len Σcounts) ← the ranks' `send` blocks in rank order."""
+        ...
+
     def barrier(self) -> None:
         """Return once every rank has entered the barrier."""
         ...
@@ -250,3 +265,17 @@ class BucketedAllreduce:
                 req.wait()
         self._reset()
         return self.grads
+
+
+def shard_counts(n: int, size: int) -> np.ndarray:
+    """Contiguous blocks of n elements over `size` ranks, the first n % size one longer
+    (the rule of `np.array_split`); int64 (size,)."""
+    base, extra = divmod(n, size)
+    return np.array([base + (r < extra) for r in range(size)], dtype=np.int64)
+
+
+def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank `rank`'s block of `shard_counts(n, size)`."""
+    counts = shard_counts(n, size)
+    lo = int(counts[:rank].sum())
+    return lo, lo + int(counts[rank])

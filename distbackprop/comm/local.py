@@ -29,6 +29,20 @@ class LocalComm:
             raise ValueError(f"root {root} out of range for a communicator of size 1")
         return buf
 
+    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray,
+                        counts: np.ndarray) -> np.ndarray:
+        """recv ← send (the sum over one rank, whose block is all of it)."""
+        np.copyto(recv, send)
+        return recv
+
+    def allgather_(self, buf: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        return buf
+
+    def gather_(self, send: np.ndarray, recv: np.ndarray | None, counts: np.ndarray,
+                root: int = 0) -> np.ndarray | None:
+        np.copyto(recv, send)
+        return recv
+
     def barrier(self) -> None:
         return None
 

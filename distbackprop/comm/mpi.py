@@ -116,6 +116,26 @@ class MpiComm:
         self._comm.Bcast(buf, root)
         return buf
 
+    def reduce_scatter_(self, send: np.ndarray, recv: np.ndarray,
+                        counts: np.ndarray) -> np.ndarray:
+        """recv ← this rank's block of SUM over ranks of `send` (`Reduce_scatter`)."""
+        self._comm.Reduce_scatter(send, recv, counts, MPI.SUM)
+        return recv
+
+    def allgather_(self, buf: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """In place (`Allgatherv` with IN_PLACE): each rank's block of `buf` from its owner."""
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        self._comm.Allgatherv(_IN_PLACE, [buf, counts, displs, _mpi_type(buf)])
+        return buf
+
+    def gather_(self, send: np.ndarray, recv: np.ndarray | None, counts: np.ndarray,
+                root: int = 0) -> np.ndarray | None:
+        """`recv` on `root` ← every rank's `send` in rank order (`Gatherv`)."""
+        displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        spec = [recv, counts, displs, _mpi_type(send)] if self.rank == root else None
+        self._comm.Gatherv(send, spec, root)
+        return recv
+
     def barrier(self) -> None:
         self._comm.Barrier()
 
@@ -295,3 +315,7 @@ def join(port: str, rank: int, size: int, timeout: float = 60.0) -> MpiComm:
 def raw_allreduce(comm: MpiComm, buf: np.ndarray) -> None:
     """Plain mpi4py in-place SUM Allreduce on `comm` (the benchmark's reference)."""
     comm.mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+
+def _mpi_type(a: np.ndarray) -> MPI.Datatype:
+    return MPI._typedict[a.dtype.char]

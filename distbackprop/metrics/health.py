@@ -204,6 +204,22 @@ def grad_health(grads: np.ndarray, layer_slices: Mapping[str, slice]) -> dict:
     }
 
 
+def health_from_sums(sq: np.ndarray, max_abs: float,
+                     nonfinite_per_layer: np.ndarray) -> dict:
+    """`grad_health`'s result from per-layer Σg² (L,), max |g| and non-finite counts (L,)
+    already reduced over the shards of a gradient split across ranks."""
+    sq = [float(v) for v in sq]
+    total = math.fsum(sq)
+    per = np.asarray(nonfinite_per_layer, dtype=np.int64)
+    return {
+        "grad_global_norm": math.sqrt(total) if total >= 0 else math.nan,
+        "grad_norm": _sqrt(sq) if all(v >= 0 for v in sq) else np.sqrt(np.asarray(sq)),
+        "grad_max_abs": float(max_abs),
+        "nonfinite": int(per.sum()),
+        "nonfinite_per_layer": per,
+    }
+
+
 def classify(norms: np.ndarray, vanish_threshold: float, explode_threshold: float,
              nonfinite_per_layer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer detector (the rule in the module docstring).
@@ -308,6 +324,6 @@ class StepStats:
 
 
 __all__ = [
-    "PHASES", "StepStats", "classify", "grad_health", "layer_norms", "update_ratios",
-    "update_ratios_between",
+    "PHASES", "StepStats", "classify", "grad_health", "health_from_sums", "layer_norms",
+    "update_ratios", "update_ratios_between",
 ]

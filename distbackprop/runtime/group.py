@@ -135,7 +135,7 @@ class _ActorBody:
         first (the actor does nothing else until the return value is stored)."""
         res = self.worker.run_chunk(start, k, consecutive_skips)
         res["checksum"] = self.worker.checksum()
-        return res, (self.worker.state_views() if self.rank == 0 else None)
+        return res, self.worker.commit_state()
 
     def grad_step(self, step: int, params) -> dict:
         return self.worker.reduced_gradient(step, params)

@@ -43,6 +43,7 @@ class MpiRootGroup:
                   deadline: float) -> tuple[list[dict], dict]:
         self._send(CMD_CHUNK, start, k, consecutive_skips)
         res = self.worker.run_chunk(start, k, consecutive_skips)
+        state = self.worker.state()
         table = _gather_table(self.worker, self.comm)
         out = [res]
         res["checksum"] = table[0, 0]
@@ -51,7 +52,7 @@ class MpiRootGroup:
                         "memory": {"rss_bytes": int(table[r, 2]),
                                    "peak_rss_bytes": int(table[r, 1]),
                                    "activation_bytes": int(table[r, 3])}})
-        return out, self.worker.state()
+        return out, state
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
         self._send(CMD_GRAD, step, int(params is not None))
@@ -62,9 +63,7 @@ class MpiRootGroup:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self._send(CMD_LOAD)
-        self.worker.load_state_(state)
-        for arr in self.worker.state_views().values():
-            self.comm.bcast_(arr, root=0)
+        _bcast_state(self.worker, self.comm, state)
 
     def shutdown(self, graceful: bool = False) -> None:
         pass  # the ranks outlive the group: `run_mpi` stops them
@@ -93,14 +92,23 @@ def follow(worker: Worker, comm) -> None:
             return
         if op == CMD_CHUNK:
             worker.run_chunk(a, b, c)
+            worker.commit_state()  # collective when the update is sharded
             _gather_table(worker, comm)
         elif op == CMD_GRAD:
             if b:
                 comm.bcast_(worker.model.params, root=0)
             worker.reduced_gradient(a, None)
         elif op == CMD_LOAD:
-            for arr in worker.state_views().values():
-                comm.bcast_(arr, root=0)
+            _bcast_state(worker, comm, None)
+
+
+def _bcast_state(worker: Worker, comm, state: dict[str, np.ndarray] | None) -> None:
+    """Rank 0's whole `state` to every rank (others pass None), then each loads it."""
+    template = worker.full_state_template()
+    full = state if comm.rank == 0 else template
+    for k in template:
+        comm.bcast_(full[k], root=0)
+    worker.load_state_(full)
 
 
 def run_mpi(config: TrainConfig, started: float | None = None) -> Result | None:

@@ -242,7 +242,11 @@ class RunObserver:
                 self.history.extend_from_parquet(rd.history_path, upto_step=step)
             if rd.memory_path.exists():
                 self.memory = MemoryHistory.from_file(rd.memory_path, before_step=step)
-        opt_bytes = prep.spec.build_rule(model).state_bytes()
+        shard = None
+        if prep.spec.sharded:  # what one worker holds: its block of the optimizer state
+            from ..comm import shard_bounds
+            shard = shard_bounds(model.params.size, self.cfg.world_size, 0)
+        opt_bytes = prep.spec.build_rule(model, shard).state_bytes()
         exporter.set_model_bytes(model_bytes(model.params, model.grads,
                                              {"opt": np.zeros(opt_bytes, np.uint8)}))
         exporter.set_workers(self.cfg.world_size)

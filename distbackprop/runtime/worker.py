@@ -44,10 +44,16 @@ class ReplicaSpec:
                    dtype=np.dtype(c.dtype), seed=c.seed, init=c.resolved_init,
                    quantize_bits=c.quantize_bits)
 
-    def build_rule(self, model: MLP) -> UpdateRule:
-        """The coordinator's update rule over `model`'s flat buffer, one segment per layer."""
+    def build_rule(self, model: MLP, shard: tuple[int, int] | None = None) -> UpdateRule:
+        """The coordinator's update rule over `model`'s flat buffer (or its block `shard`),
+        one segment per layer."""
         return UpdateRule.from_config(self.config, model.params.size, model.dtype,
-                                      list(model.layer_slices().values()), self.total_steps)
+                                      list(model.layer_slices().values()), self.total_steps,
+                                      shard=shard)
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.update_on == "sharded"
 
     def skip_policy(self) -> SkipPolicy:
         return SkipPolicy(self.config.on_nonfinite, self.config.max_consecutive_skips)
@@ -84,11 +90,19 @@ class Worker:
         if self.config.remat_every:
             from ..nn.remat import CheckpointedMLP
             self.net = CheckpointedMLP(self.model, self.config.remat_every)
-        self.rule = spec.build_rule(self.model)
+        self._slice_map = self.model.layer_slices()
+        self.shard = self._sharded_grad = None
+        if spec.sharded:
+            from .sharding import Shard, ShardedGradient, ShardedRule
+            self.shard = Shard(self.model.params.size, rank, world, self._slice_map)
+            self._sharded_grad = ShardedGradient(self.shard, self.model.dtype)
+            self.rule = ShardedRule(spec.build_rule(self.model, (self.shard.lo, self.shard.hi)),
+                                    self.shard, lambda: self.comm)
+        else:
+            self.rule = spec.build_rule(self.model)
         self.policy = spec.skip_policy()
         self.batcher = spec.batcher(x, y, rank, world)
         self.steps_per_epoch = self.batcher.steps_per_epoch
-        self._slice_map = self.model.layer_slices()
         self._ctrl = np.zeros(2, dtype=np.float64)  # [Σ local loss, Σ non-finite flags]
         self._t = np.zeros(5)  # phase boundaries of the current step (perf_counter)
         self._phases = np.zeros(4)
@@ -105,23 +119,41 @@ class Worker:
     def _make_bucketer(self) -> None:
         """`--overlap`: buckets of the flat gradient, each reduced as soon as backward fills it."""
         self._bucketer = None
-        if self.config.overlap and self.comm.size > 1:
+        if self.config.overlap and self.comm.size > 1 and self.shard is None:
             from ..comm import BucketedAllreduce
             self._bucketer = BucketedAllreduce(
                 self.comm, self.model.grads,
                 [(n, self._slice_map[n]) for n in reversed(self.model.layer_names)])
 
-    def state(self) -> dict[str, np.ndarray]:
-        """Params and update-rule state (copies): what a commit or checkpoint stores."""
-        return {"params": self.model.params.copy(), **self.rule.state()}
+    def commit_state(self) -> dict[str, np.ndarray] | None:
+        """The whole training state on rank 0 — params and the update rule's state (views,
+        serialised at once by the caller) — and None on other ranks. Collective when the
+        update is sharded: the optimizer's blocks are gathered to rank 0."""
+        if self.shard is not None:
+            opt = self.rule.gather_full(self.comm)
+            return None if opt is None else {"params": self.model.params, **opt}
+        return {"params": self.model.params, **self.rule.state_views()} \
+            if self.rank == 0 else None
 
-    def state_views(self) -> dict[str, np.ndarray]:
-        """The same arrays without copies (serialised at once by the caller)."""
-        return {"params": self.model.params, **self.rule.state_views()}
+    def full_state_template(self) -> dict[str, np.ndarray]:
+        """Zero arrays shaped like the whole state (what `commit_state` returns on rank 0)."""
+        out = {"params": np.zeros_like(self.model.params)}
+        for k, v in self.rule.state_views().items():
+            whole = self.shard is not None and self.rule.elementwise(k)
+            out[k] = np.zeros(self.model.params.size if whole else v.shape, v.dtype)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of `commit_state()` (a one-rank group: `--local`, or rank 0 under mpiexec)."""
+        return {k: v.copy() for k, v in self.commit_state().items()}
 
     def load_state_(self, state: dict[str, np.ndarray]) -> None:
+        """Load a whole state (any worker count wrote it: a sharded rank takes its block)."""
         self.model.params[...] = state["params"]
-        self.rule.load_state_(state)
+        if self.shard is not None:
+            self.rule.load_full_(state)
+        else:
+            self.rule.load_state_(state)
 
     def set_params_(self, params: np.ndarray) -> None:
         self.model.params[...] = params
@@ -164,6 +196,12 @@ class Worker:
         t = self._t
         local_loss, samples = self.local_gradient_(step)
         t[3] = time.perf_counter()
+        if self._sharded_grad is not None:
+            loss, h, skip = self._sharded_grad.reduce_(self.comm, self.model.grads, local_loss,
+                                                       not math.isfinite(local_loss))
+            t[4] = time.perf_counter()
+            np.subtract(t[1:], t[:-1], out=self._phases)
+            return Gradient(loss, samples, self._sharded_grad.grads, h, skip, self._phases)
         if self._bucketer is not None:
             self._bucketer.wait_all()
         else:

@@ -79,7 +79,8 @@ def test_no_processes_left_after_train(ray_cluster, tmp_path):
 
 
 @pytest.mark.mpi
-def test_mpiexec_launcher_equals_local(local_result, tmp_path):
+@pytest.mark.parametrize("update_on", ["workers", "sharded"])
+def test_mpiexec_launcher_equals_local(local_result, tmp_path, update_on):
     """`mpiexec -n 2 python -m distbackprop train --launcher mpi`: no Ray, same result."""
     import signal
     import subprocess
@@ -91,7 +92,7 @@ def test_mpiexec_launcher_equals_local(local_result, tmp_path):
     out = tmp_path / "mpi"
     args = ["--hidden", "16", "--dtype", "float64", "--max-steps", "24", "--batch-size", "50",
             "--seed", "3", "--metrics-port", "0", "--quiet", "--chunk-steps", "5",
-            "--val-fraction", "0.1", "--out", str(out)]
+            "--val-fraction", "0.1", "--update-on", update_on, "--out", str(out)]
     proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-m", "distbackprop", "train",
                              "--launcher", "mpi", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -1,0 +1,132 @@
+"""The sharded update (`--update-on sharded`, ZeRO stage 1) on the flat buffers.
+
+Rank r owns the contiguous block [lo, hi) of the flat parameter vector (blocks
+as `np.array_split` cuts them). Per step:
+
+    g_r  = Reduce_scatter(g)            rank r receives Σ_ranks g[lo:hi]
+    θ[lo:hi] ← rule(θ[lo:hi], g_r)      with only its block of the optimizer state
+    θ    = Allgather(θ[lo:hi])          in place: every rank holds the whole θ again
+
+— the same bytes on the wire as one allreduce, and 1/N of the update's memory
+traffic and optimizer state per rank. What needs the whole gradient (global
+norm for clipping and health, per-layer norms, the non-finite flag) comes from
+per-block partial sums SUM-allreduced with the step's loss; update ratios from
+per-block partial ‖Δθ‖² and ‖θ‖² sums, reduced after the update.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..comm import shard_counts
+from ..metrics.health import grad_health, health_from_sums
+from ..optim import UpdateRule
+
+
+class Shard:
+    """Rank `rank`'s block [lo, hi) of a flat buffer of `n` elements over `world` ranks."""
+
+    def __init__(self, n: int, rank: int, world: int, layer_slices: dict[str, slice]):
+        self.n, self.rank, self.world = n, rank, world
+        self.counts = shard_counts(n, world)
+        self.lo = int(self.counts[:rank].sum())
+        self.hi = self.lo + int(self.counts[rank])
+        # Each layer's part inside the block, relative to lo (empty where it lies outside).
+        self.layer_slices = {
+            name: slice(min(max(sl.start, self.lo), self.hi) - self.lo,
+                        max(min(sl.stop, self.hi), self.lo) - self.lo)
+            for name, sl in layer_slices.items()}
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+class ShardedGradient:
+    """Reduce-scatter of the flat gradient, and its health from partial sums."""
+
+    def __init__(self, shard: Shard, dtype):
+        self.shard = shard
+        self.grads = np.zeros(shard.size, dtype=dtype)
+        L = len(shard.layer_slices)
+        self.L = L
+        self.ctrl = np.zeros(2 + 2 * L)  # [Σ loss, Σ flags, Σg² per layer, non-finite per layer]
+        self.max_abs = np.zeros(1)
+
+    def reduce_(self, comm, full_grads: np.ndarray, local_loss: float, bad_loss: bool
+                ) -> tuple[float, dict, bool]:
+        """(global loss, health of the whole reduced gradient, skip) — every rank alike."""
+        comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
+        h = grad_health(self.grads, self.shard.layer_slices)
+        L, c = self.L, self.ctrl
+        c[0] = local_loss
+        c[1] = 1.0 if bad_loss else 0.0
+        c[2:2 + L] = np.square(h["grad_norm"])
+        c[2 + L:] = h["nonfinite_per_layer"]
+        comm.allreduce_(c)
+        m = h["grad_max_abs"]
+        self.max_abs[0] = -np.inf if m != m else m  # a block with no finite entry: no vote
+        comm.allreduce_(self.max_abs, op="max")
+        health = health_from_sums(c[2:2 + L], float(self.max_abs[0]), c[2 + L:])
+        skip = c[1] > 0 or health["nonfinite"] > 0 or not np.isfinite(health["grad_global_norm"])
+        return float(c[0]), health, bool(skip)
+
+
+class ShardedRule:
+    """The coordinator's `UpdateRule` on this rank's block, then the Allgather of θ."""
+
+    def __init__(self, rule: UpdateRule, shard: Shard, comm_of):
+        self.rule, self.shard, self.comm_of = rule, shard, comm_of
+        L = len(rule.segments)
+        self._sums = np.zeros(2 * L)  # [‖Δθ‖² per layer, ‖θ‖² per layer], partial then total
+
+    def lr(self, step: int) -> float:
+        return self.rule.lr(step)
+
+    def step_(self, params: np.ndarray, grads: np.ndarray, step: int, gnorm: float) -> float:
+        """θ[lo:hi] ← rule(θ[lo:hi], g_r) then θ ← Allgather; `grads` is this rank's block."""
+        lr = self.rule.step_(params, grads, step, gnorm)
+        comm = self.comm_of()
+        comm.allgather_(params, self.shard.counts)
+        L = len(self.rule.segments)
+        self._sums[:L] = self.rule.update_sq
+        self._sums[L:] = self.rule.param_sq
+        comm.allreduce_(self._sums)
+        return lr
+
+    def update_ratios(self) -> np.ndarray:
+        L = len(self.rule.segments)
+        return UpdateRule.ratios(self._sums[:L], self._sums[L:])
+
+    # the state: this rank holds its block of every elementwise array ----------------
+    def state_views(self) -> dict[str, np.ndarray]:
+        return self.rule.state_views()
+
+    def load_full_(self, state: dict[str, np.ndarray]) -> None:
+        """Take this rank's block of a whole (unsharded) state: any worker count can resume."""
+        lo, hi = self.shard.lo, self.shard.hi
+        self.rule.load_state_({k: (v[lo:hi] if self.elementwise(k) else v)
+                               for k, v in state.items() if k.startswith(UpdateRule.STATE_PREFIX)})
+
+    def elementwise(self, key: str) -> bool:
+        """Is state array `key` one value per parameter (so split into blocks)?"""
+        return self.rule.state_views()[key].shape == (self.shard.size,) and \
+            key != UpdateRule.STATE_PREFIX + "t"
+
+    def gather_full(self, comm) -> dict[str, np.ndarray] | None:
+        """The whole optimizer state on rank 0 (collective; None on other ranks)."""
+        out: dict[str, np.ndarray] = {}
+        for k, v in self.rule.state_views().items():
+            if not self.elementwise(k):
+                out[k] = v.copy()
+                continue
+            full = np.empty(self.shard.n, v.dtype) if comm.rank == 0 else None
+            comm.gather_(v, full, self.shard.counts)
+            out[k] = full
+        return out if comm.rank == 0 else None
+
+    def state_bytes(self) -> int:
+        return self.rule.state_bytes()
+
+
+__all__ = ["Shard", "ShardedGradient", "ShardedRule"]
