@@ -52,6 +52,7 @@ def _run(data: Path, out: Path, workers: int, steps: int, **kw) -> dict:
         "step_ms": float(np.median(step_s[warm])) * 1e3,
         "allreduce_ms": float(np.median(h.column("time/allreduce").to_numpy()[warm])) * 1e3,
         "overhead_us": (s["coordination_seconds_per_step"] or 0.0) * 1e6,
+        "opt_MB": s["optimizer_bytes_per_worker"] / 1e6,
     }
 
 
@@ -82,6 +83,7 @@ def run(quick: bool = False) -> list[dict]:
             "2 workers": dict(workers=2, overlap=False),
             "2 workers, overlap": dict(workers=2, overlap=True),
             "2 workers, update on coordinator": dict(workers=2, update_on="coordinator"),
+            "2 workers, sharded update (ZeRO-1)": dict(workers=2, update_on="sharded"),
             "2 workers, metrics on": dict(workers=2, metrics_port=_free_port()),
         }
         results: dict[str, list[dict]] = {k: [] for k in variants}
@@ -102,7 +104,8 @@ def run(quick: bool = False) -> list[dict]:
         n = 1 if name == "1 worker" else 2
         rows.append({"variant": name, "samples/s": m["sps"], "efficiency": m["sps"] / (n * base),
                      "step_ms": m["step_ms"], "allreduce_ms": m["allreduce_ms"],
-                     "coordination_us/step": m["overhead_us"]})
+                     "coordination_us/step": m["overhead_us"],
+                     "optimizer_MB/worker": m["opt_MB"]})
     off, on = med["2 workers"], med["2 workers, metrics on"]
     rows.append({"variant": "metrics cost (on vs off, 2 workers)",
                  "samples/s": on["sps"], "efficiency": on["sps"] / off["sps"],

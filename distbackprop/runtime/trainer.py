@@ -246,9 +246,9 @@ class RunObserver:
         if prep.spec.sharded:  # what one worker holds: its block of the optimizer state
             from ..comm import shard_bounds
             shard = shard_bounds(model.params.size, self.cfg.world_size, 0)
-        opt_bytes = prep.spec.build_rule(model, shard).state_bytes()
+        self.optimizer_bytes = prep.spec.build_rule(model, shard).state_bytes()
         exporter.set_model_bytes(model_bytes(model.params, model.grads,
-                                             {"opt": np.zeros(opt_bytes, np.uint8)}))
+                                             {"opt": np.zeros(self.optimizer_bytes, np.uint8)}))
         exporter.set_workers(self.cfg.world_size)
         exporter.vanish_threshold.set(self.cfg.vanish_threshold)  # before the first chunk
         exporter.explode_threshold.set(self.cfg.explode_threshold)
@@ -364,6 +364,7 @@ def _summary(prep: PreparedRun, model, coordinator: Coordinator, obs: RunObserve
         "failures": st.failures,
         "skipped_steps": st.skipped,
         "coordination_seconds_per_step": st.coordination_seconds_per_step(),
+        "optimizer_bytes_per_worker": obs.optimizer_bytes,
         "status": "interrupted" if interrupted else "finished",
         "loss": loss,
         "task": bundle.task,
