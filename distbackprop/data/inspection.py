@@ -10,7 +10,8 @@ of numbers) are listed rather than raised; an unreadable file still raises.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 
 from distbackprop.data.errors import DataError
 from distbackprop.data.schema import (
+    ColumnPlan,
     first_non_number,
     flat_list_values,
     label_array,
@@ -25,7 +27,10 @@ from distbackprop.data.schema import (
     normalize_names,
     plan_columns,
 )
-from distbackprop.data.sources import check_fragment_columns, open_source, read_error
+from distbackprop.data.sources import Source, check_fragment_columns, open_source, read_error
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 _READ_ROWS = 1 << 16
 
@@ -55,123 +60,176 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
     src = open_source(path, "data")
     schema = src.schema
     targets = normalize_names(target)
-    problems: list[str] = []
-    plan = None
+    plan, problems = _plan_or_problems(schema, path, targets, src.partition_columns)
+    classify = bool(plan is not None and plan.task == "classification" and plan.target_names)
+    tally = _tally_files(src, schema, plan, targets, classify)
+    problems.extend(tally.problems)
+    problems.extend(_tally_problems(tally, plan, path))
+    notes = list(plan.notes) if plan else []
+    warnings = list(plan.warnings) if plan else []
+    roles = _column_roles(plan, src.partition_columns, targets, schema.names)
+    summary = None
+    if plan is not None and plan.task == "regression" and tally.tsum:
+        summary = {t: {"min": s[0], "max": s[1], "mean": s[2] / s[3] if s[3] else None}
+                   for t, s in tally.tsum.items()}
+    return {
+        "source": path,
+        "format": src.format,
+        "files": len(src.fragments),
+        "row_groups": tally.row_groups if src.format == "parquet" else None,
+        "rows": tally.rows,
+        "schema": [{"name": f.name, "type": str(f.type), "role": roles.get(f.name, "ignored"),
+                    "nan_count": tally.nan_counts[f.name]} for f in schema],
+        "target": list(targets) or None,
+        "task": plan.task if plan is not None and plan.target_names else None,
+        "features": list(plan.feature_names) if plan else [],
+        "n_features": plan.n_features if plan else None,
+        "class_counts": ({str(k): v for k, v in sorted(tally.class_counts.items(),
+                                                        key=_label_key)}
+                         if classify else None),
+        "target_summary": summary,
+        "nan_counts": {c: n for c, n in tally.nan_counts.items()},
+        "problems": problems,
+        "warnings": warnings,
+        "notes": notes,
+    }
+
+
+def _plan_or_problems(schema: pa.Schema, path: str, targets: tuple[str, ...],
+                      partition_columns: Sequence[str]) -> tuple[ColumnPlan | None, list[str]]:
+    """``(plan, problems)``: the training plan, else a features-only plan and its problems."""
     try:
         plan = plan_columns(schema, source=path, target=targets or None,
                             task=None if targets else "regression",
-                            partition_columns=src.partition_columns)
+                            partition_columns=partition_columns)
+        return plan, []
     except DataError as exc:
-        problems.extend(exc.problems)
-        try:  # still show which columns would be features
-            plan = plan_columns(schema, source=path, target=None, task="regression",
-                                partition_columns=src.partition_columns)
-        except DataError:
-            plan = None
+        problems = list(exc.problems)
+    try:  # still show which columns would be features
+        plan = plan_columns(schema, source=path, target=None, task="regression",
+                            partition_columns=partition_columns)
+    except DataError:
+        plan = None
+    return plan, problems
 
-    names = schema.names
-    nan_counts = dict.fromkeys(names, 0)
-    class_counts: dict[Any, int] = {}
-    tsum = {t: [np.inf, -np.inf, 0.0, 0] for t in targets if t in names}
-    suspect_state = {c: [0, 0, -1, None] for c in (plan.suspects if plan else ())}
-    rows = 0
-    row_groups = 0
-    classify = bool(plan is not None and plan.task == "classification" and plan.target_names)
+
+@dataclass
+class _Tally:
+    """What one read of every file counts, batch by batch."""
+
+    nan_counts: dict[str, int]
+    tsum: dict[str, list]  # per target: [min, max, sum, count] of its finite values
+    # per suspect column: [numbers, valid values, first non-number row, (file, its value)]
+    suspects: dict[str, list]
+    class_counts: dict[Any, int] = field(default_factory=dict)
+    rows: int = 0
+    row_groups: int = 0
     # first non-integral float label: (file, row in file, value), for the problem message
     non_integral: tuple[str, int, float] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def add_labels(self, labels: pa.Array, path: str, file_row: int) -> None:
+        """Count each class in ``labels``; remember the first non-integral float label."""
+        if self.non_integral is None and pa.types.is_floating(labels.type):
+            v = labels.to_numpy(zero_copy_only=False).astype(np.float64)
+            frac = np.flatnonzero(np.isfinite(v) & (v != np.round(v)))
+            if len(frac):
+                self.non_integral = (path, file_row + int(frac[0]), float(v[frac[0]]))
+        counts = pc.value_counts(labels)
+        for item in counts.to_pylist():
+            if item["values"] is not None:
+                self.class_counts[item["values"]] = (self.class_counts.get(item["values"], 0)
+                                                     + item["counts"])
+
+    def add_targets(self, batch: pa.RecordBatch) -> None:
+        """Fold the finite target values of ``batch`` into min, max, sum and count."""
+        for t in self.tsum:
+            v = batch.column(t).to_numpy(zero_copy_only=False).astype(np.float64)
+            v = v[np.isfinite(v)]
+            if len(v):
+                s = self.tsum[t]
+                s[0], s[1] = min(s[0], v.min()), max(s[1], v.max())
+                s[2] += float(v.sum())
+                s[3] += len(v)
+
+    def add_suspects(self, table: pa.Table, path: str, file_row: int) -> None:
+        """Count numbers and valid values per suspect column; remember its first non-number."""
+        for c, st in self.suspects.items():
+            numbers, row, value = first_non_number(table, c)
+            st[0] += numbers
+            st[1] += table.num_rows - table.column(c).null_count
+            if st[2] < 0 and row >= 0:
+                st[2], st[3] = file_row + row, (path, value)
+
+
+def _tally_files(src: Source, schema: pa.Schema, plan: ColumnPlan | None,
+                 targets: tuple[str, ...], classify: bool) -> _Tally:
+    """The `_Tally` of every file of ``src``, with the problems of files missing columns."""
+    names = schema.names
+    tally = _Tally(nan_counts=dict.fromkeys(names, 0),
+                   tsum={t: [np.inf, -np.inf, 0.0, 0] for t in targets if t in names},
+                   suspects={c: [0, 0, -1, None] for c in (plan.suspects if plan else ())})
     for frag in src.fragments:
-        file_row = 0  # rows of this file before the current batch: messages count per file
         try:
             check_fragment_columns(src, frag, names)
         except DataError as exc:
-            problems.extend(exc.problems)
+            tally.problems.extend(exc.problems)
         if src.format == "parquet":
             try:
-                row_groups += frag.num_row_groups
+                tally.row_groups += frag.num_row_groups
             except (pa.ArrowException, OSError) as exc:
                 raise DataError(f"data: cannot read {frag.path}: {exc}") from exc
         try:
-            batches = frag.to_batches(schema=schema, batch_size=_READ_ROWS)
-            for batch in batches:
-                table = pa.Table.from_batches([batch])
-                for c in names:
-                    nan_counts[c] += _bad_count(batch.column(c))
-                if classify:
-                    labels = label_array(table, plan.target_names[0])
-                    if non_integral is None and pa.types.is_floating(labels.type):
-                        v = labels.to_numpy(zero_copy_only=False).astype(np.float64)
-                        frac = np.flatnonzero(np.isfinite(v) & (v != np.round(v)))
-                        if len(frac):
-                            non_integral = (frag.path, file_row + int(frac[0]),
-                                            float(v[frac[0]]))
-                    counts = pc.value_counts(labels)
-                    for item in counts.to_pylist():
-                        if item["values"] is not None:
-                            class_counts[item["values"]] = (class_counts.get(item["values"], 0)
-                                                            + item["counts"])
-                elif plan is not None:
-                    for t in tsum:
-                        v = batch.column(t).to_numpy(zero_copy_only=False).astype(np.float64)
-                        v = v[np.isfinite(v)]
-                        if len(v):
-                            s = tsum[t]
-                            s[0], s[1] = min(s[0], v.min()), max(s[1], v.max())
-                            s[2] += float(v.sum())
-                            s[3] += len(v)
-                for c, st in suspect_state.items():
-                    numbers, row, value = first_non_number(table, c)
-                    st[0] += numbers
-                    st[1] += table.num_rows - table.column(c).null_count
-                    if st[2] < 0 and row >= 0:
-                        st[2], st[3] = file_row + row, (frag.path, value)
-                rows += batch.num_rows
-                file_row += batch.num_rows
+            _tally_file(tally, frag, schema, plan, classify)
         except (pa.ArrowException, OSError) as exc:
             raise read_error(frag, exc) from exc
+    return tally
 
-    notes = list(plan.notes) if plan else []
-    warnings = list(plan.warnings) if plan else []
-    for c, (numbers, valid, row, info) in suspect_state.items():
+
+def _tally_file(tally: _Tally, frag: ds.Fragment, schema: pa.Schema, plan: ColumnPlan | None,
+                classify: bool) -> None:
+    """Add every batch of the file ``frag`` to ``tally``."""
+    file_row = 0  # rows of this file before the current batch: messages count per file
+    for batch in frag.to_batches(schema=schema, batch_size=_READ_ROWS):
+        table = pa.Table.from_batches([batch])
+        for c in schema.names:
+            tally.nan_counts[c] += _bad_count(batch.column(c))
+        if classify:
+            tally.add_labels(label_array(table, plan.target_names[0]), frag.path, file_row)
+        elif plan is not None:
+            tally.add_targets(batch)
+        tally.add_suspects(table, frag.path, file_row)
+        tally.rows += batch.num_rows
+        file_row += batch.num_rows
+
+
+def _tally_problems(tally: _Tally, plan: ColumnPlan | None, path: str) -> list[str]:
+    """Problems only the values show: string columns of numbers, no rows, non-integral labels."""
+    problems = []
+    for c, (numbers, valid, row, info) in tally.suspects.items():
         if row >= 0 and numbers * 2 > valid:
             problems.append(f"data: column {c!r} of {info[0]} is not numeric: row {row} holds "
                             f"{info[1]!r} ({numbers} of {valid} values are numbers)")
-    if rows == 0:
+    if tally.rows == 0:
         problems.append(f"data: {path} has no rows")
-    if non_integral is not None:
-        f, r, v = non_integral
+    if tally.non_integral is not None:
+        f, r, v = tally.non_integral
         problems.append(f"data: classification target {plan.target_names[0]!r} holds "
                         f"non-integral value {v!r} at row {r} of {f}; use --task regression")
+    return problems
+
+
+def _column_roles(plan: ColumnPlan | None, partition_columns: Sequence[str],
+                  targets: tuple[str, ...], names: Sequence[str]) -> dict[str, str]:
+    """Column name → feature, ignored, partition or target (later roles win)."""
     roles = {}
     if plan is not None:
         roles.update(dict.fromkeys(plan.feature_names, "feature"))
         roles.update(dict.fromkeys(plan.ignored, "ignored"))
         roles.update(dict.fromkeys(plan.suspects, "ignored"))
-    roles.update(dict.fromkeys(src.partition_columns, "partition"))
+    roles.update(dict.fromkeys(partition_columns, "partition"))
     roles.update(dict.fromkeys([t for t in targets if t in names], "target"))
-    summary = None
-    if plan is not None and plan.task == "regression" and tsum:
-        summary = {t: {"min": s[0], "max": s[1], "mean": s[2] / s[3] if s[3] else None}
-                   for t, s in tsum.items()}
-    return {
-        "source": path,
-        "format": src.format,
-        "files": len(src.fragments),
-        "row_groups": row_groups if src.format == "parquet" else None,
-        "rows": rows,
-        "schema": [{"name": f.name, "type": str(f.type), "role": roles.get(f.name, "ignored"),
-                    "nan_count": nan_counts[f.name]} for f in schema],
-        "target": list(targets) or None,
-        "task": plan.task if plan is not None and plan.target_names else None,
-        "features": list(plan.feature_names) if plan else [],
-        "n_features": plan.n_features if plan else None,
-        "class_counts": ({str(k): v for k, v in sorted(class_counts.items(), key=_label_key)}
-                         if classify else None),
-        "target_summary": summary,
-        "nan_counts": {c: n for c, n in nan_counts.items()},
-        "problems": problems,
-        "warnings": warnings,
-        "notes": notes,
-    }
+    return roles
 
 
 def _label_key(item: tuple) -> tuple:

@@ -131,93 +131,131 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
     targets = normalize_names(target)
     if task is not None and task not in TASKS:
         problems.append(f"task: {task!r} is not one of {', '.join(TASKS)}")
-    for t in targets:
-        if t not in names:
-            problems.append(f"{role}: target column {t!r} not found in {source} "
-                            f"(columns: {_preview(names)})")
-    present_targets = [t for t in targets if t in names]
+    present_targets, found = _find_targets(names, targets, source, role)
+    problems.extend(found)
+    resolved, found = _resolve_task(schema, present_targets, task, source, role)
+    problems.extend(found)
 
-    resolved = task
-    if present_targets:
-        types = [schema.field(t).type for t in present_targets]
-        if resolved is None:
-            if len(types) == 1 and _is_label(types[0]):
-                resolved = "classification"
-            elif all(_is_numeric(tp) for tp in types):
-                resolved = "regression"
-        if resolved == "classification":
-            if len(present_targets) > 1:
-                problems.append(f"{role}: classification takes one target column, got "
-                                f"{', '.join(map(repr, present_targets))} in {source}")
-            elif not (_is_label(types[0]) or pa.types.is_floating(types[0])):
-                problems.append(f"{role}: target column {present_targets[0]!r} in {source} has "
-                                f"type {types[0]}, which cannot be a class label")
-        elif resolved == "regression":
-            for t, tp in zip(present_targets, types, strict=True):
-                if not _is_numeric(tp):
-                    problems.append(f"{role}: regression target column {t!r} in {source} is "
-                                    f"{tp}, not numeric")
-        else:
-            bad = ", ".join(f"{t!r} ({tp})" for t, tp in zip(present_targets, types, strict=True))
-            problems.append(f"{role}: cannot infer the task from target column(s) {bad} in "
-                            f"{source}; use one integer/string column for classification or "
-                            "numeric columns for regression")
-    resolved = resolved or "classification"
-
-    feats: list[str] = []
-    widths: list[int] = []
-    ignored: list[str] = []
-    suspects: list[str] = []
     if features:
-        for c in features:
-            if c not in names:
-                problems.append(f"{role}: feature column {c!r} not found in {source} "
-                                f"(columns: {_preview(names)})")
-                continue
-            if c in targets:
-                problems.append(f"{role}: column {c!r} of {source} is both the target and a "
-                                "feature")
-                continue
-            tp = schema.field(c).type
-            w = fixed_width(tp)
-            if w is None:
-                problems.append(_type_problem(role, source, c, tp))
-            else:
-                feats.append(c)
-                widths.append(w)
+        chosen = _named_features(schema, features, targets, source, role)
     else:
-        skip = set(targets) | set(partition_columns)
-        for c in names:
-            if c in skip:
-                continue
-            tp = schema.field(c).type
-            w = fixed_width(tp)
-            if w is not None:
-                feats.append(c)
-                widths.append(w)
-            elif _is_varlist(tp) or pa.types.is_fixed_size_list(tp):
-                problems.append(_type_problem(role, source, c, tp))
-            elif _is_string(tp):
-                suspects.append(c)
-            else:
-                ignored.append(c)
-        if not feats and not problems:
-            problems.append(f"{role}: {source} has no numeric feature columns "
-                            f"(columns: {_preview(names)})")
-    if any(w == 0 for w in widths):
-        zero = [c for c, w in zip(feats, widths, strict=True) if w == 0]
+        chosen = _inferred_features(schema, set(targets) | set(partition_columns), source, role)
+    problems.extend(chosen.problems)
+    if not features and not chosen.names and not problems:
+        problems.append(f"{role}: {source} has no numeric feature columns "
+                        f"(columns: {_preview(names)})")
+    if any(w == 0 for w in chosen.widths):
+        zero = [c for c, w in zip(chosen.names, chosen.widths, strict=True) if w == 0]
         problems.append(f"{role}: feature column(s) {', '.join(map(repr, zero))} in {source} "
                         "have zero width")
     if problems:
         raise DataError(problems)
     warnings = tuple(f"column {c!r} ({schema.field(c).type}) of {source} is not numeric: "
                      "left out of the features (name the features with --features to "
-                     "silence this)" for c in (*ignored, *suspects))
+                     "silence this)" for c in (*chosen.ignored, *chosen.suspects))
     parts = [c for c in partition_columns if c in names and c not in targets and not features]
     notes = tuple(f"partition column {c!r} of {source} is not a feature (name it in --features "
                   "to use it)" for c in parts)
-    return ColumnPlan(resolved, tuple(present_targets), tuple(feats), tuple(widths),
-                      tuple(ignored), tuple(suspects), notes, warnings)
+    return ColumnPlan(resolved, tuple(present_targets), tuple(chosen.names),
+                      tuple(chosen.widths), tuple(chosen.ignored), tuple(chosen.suspects),
+                      notes, warnings)
+
+
+def _find_targets(names: Sequence[str], targets: Sequence[str], source: str,
+                  role: str) -> tuple[list[str], list[str]]:
+    """``(target columns present in the schema, a problem per missing one)``."""
+    problems = [f"{role}: target column {t!r} not found in {source} "
+                f"(columns: {_preview(names)})" for t in targets if t not in names]
+    return [t for t in targets if t in names], problems
+
+
+def _resolve_task(schema: pa.Schema, present_targets: list[str], task: str | None,
+                  source: str, role: str) -> tuple[str, list[str]]:
+    """``(task, problems)``: ``task`` or the one the target types imply, checked against them."""
+    if not present_targets:
+        return task or "classification", []
+    problems: list[str] = []
+    types = [schema.field(t).type for t in present_targets]
+    resolved = task
+    if resolved is None:
+        if len(types) == 1 and _is_label(types[0]):
+            resolved = "classification"
+        elif all(_is_numeric(tp) for tp in types):
+            resolved = "regression"
+    if resolved == "classification":
+        if len(present_targets) > 1:
+            problems.append(f"{role}: classification takes one target column, got "
+                            f"{', '.join(map(repr, present_targets))} in {source}")
+        elif not (_is_label(types[0]) or pa.types.is_floating(types[0])):
+            problems.append(f"{role}: target column {present_targets[0]!r} in {source} has "
+                            f"type {types[0]}, which cannot be a class label")
+    elif resolved == "regression":
+        for t, tp in zip(present_targets, types, strict=True):
+            if not _is_numeric(tp):
+                problems.append(f"{role}: regression target column {t!r} in {source} is "
+                                f"{tp}, not numeric")
+    else:
+        bad = ", ".join(f"{t!r} ({tp})" for t, tp in zip(present_targets, types, strict=True))
+        problems.append(f"{role}: cannot infer the task from target column(s) {bad} in "
+                        f"{source}; use one integer/string column for classification or "
+                        "numeric columns for regression")
+    return resolved or "classification", problems
+
+
+@dataclass
+class _FeatureChoice:
+    """Feature columns chosen from a schema, the columns left out, and what is wrong."""
+
+    names: list[str] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    suspects: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _named_features(schema: pa.Schema, features: Sequence[str], targets: Sequence[str],
+                    source: str, role: str) -> _FeatureChoice:
+    """The ``--features`` columns with their widths, or a problem for each unusable one."""
+    names = schema.names
+    out = _FeatureChoice()
+    for c in features:
+        if c not in names:
+            out.problems.append(f"{role}: feature column {c!r} not found in {source} "
+                                f"(columns: {_preview(names)})")
+            continue
+        if c in targets:
+            out.problems.append(f"{role}: column {c!r} of {source} is both the target and a "
+                                "feature")
+            continue
+        tp = schema.field(c).type
+        w = fixed_width(tp)
+        if w is None:
+            out.problems.append(_type_problem(role, source, c, tp))
+        else:
+            out.names.append(c)
+            out.widths.append(w)
+    return out
+
+
+def _inferred_features(schema: pa.Schema, skip: set[str], source: str,
+                       role: str) -> _FeatureChoice:
+    """Every numeric column outside ``skip``; string columns kept aside as suspects."""
+    out = _FeatureChoice()
+    for c in schema.names:
+        if c in skip:
+            continue
+        tp = schema.field(c).type
+        w = fixed_width(tp)
+        if w is not None:
+            out.names.append(c)
+            out.widths.append(w)
+        elif _is_varlist(tp) or pa.types.is_fixed_size_list(tp):
+            out.problems.append(_type_problem(role, source, c, tp))
+        elif _is_string(tp):
+            out.suspects.append(c)
+        else:
+            out.ignored.append(c)
+    return out
 
 
 def _type_problem(role: str, source: str, column: str, tp: pa.DataType) -> str:

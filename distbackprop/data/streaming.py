@@ -148,6 +148,105 @@ def _list_pieces(src: Source, plan: ColumnPlan, role: str) -> Iterator[tuple]:
             yield frag, None, 0, None
 
 
+@dataclass
+class _Scan:
+    """What the driver's pass over every training piece gathered."""
+
+    stats: RunningStats
+    pieces: list[Piece] = field(default_factory=list)
+    uniques: list[np.ndarray] = field(default_factory=list)
+    trained: list[np.ndarray] = field(default_factory=list)  # to find classes never trained
+    val_x: list[np.ndarray] = field(default_factory=list)
+    val_t: list[np.ndarray] = field(default_factory=list)
+    reports: dict[str, BadRows] = field(default_factory=dict)
+    rows: int = 0
+    dropped: int = 0
+
+    @property
+    def n_train(self) -> int:
+        return sum(p.usable for p in self.pieces)
+
+
+def _scan_pieces(opts: DataOptions, src: Source, plan: ColumnPlan, dtype: np.dtype,
+                 fraction: float, role: str) -> _Scan:
+    """The `_Scan` of every piece: bad rows, statistics, labels and held-out rows."""
+    frags = {f.path: f for f in src.fragments}
+    scan = _Scan(RunningStats(plan.n_features))
+    for frag, rg, file_row, _ in _list_pieces(src, plan, role):
+        table = _read_piece(src, frags, frag.path, rg, plan.columns, role)
+        start = scan.rows
+        piece = Piece(frag.path, rg, file_row, start, table.num_rows, 0)
+        spans = _piece_spans(piece)
+        audit_suspects(table, plan, spans, role)
+        conv = convert_table(table, spans, plan, dtype, role)
+        del table
+        for r in conv.reports:
+            if r.what in scan.reports:
+                scan.reports[r.what].count += r.count
+            else:
+                scan.reports[r.what] = r
+        scan.dropped += int(conv.bad.sum())
+        held = holdout_mask(np.arange(start, start + piece.rows), opts.seed, fraction)
+        good = ~conv.bad
+        train = good & ~held
+        scan.stats.update_(conv.x[train])
+        if conv.labels is not None:
+            scan.uniques.append(np.unique(conv.labels[good]))
+            scan.trained.append(np.unique(conv.labels[train]))
+        if held.any():
+            keep = good & held
+            scan.val_x.append(conv.x[keep])
+            scan.val_t.append(conv.labels[keep] if conv.labels is not None else conv.y[keep])
+        scan.pieces.append(Piece(frag.path, rg, file_row, start, piece.rows, int(train.sum())))
+        scan.rows += piece.rows
+    return scan
+
+
+def _check_scan(scan: _Scan, opts: DataOptions, path: str, role: str) -> None:
+    """Raise `DataError` when the scan leaves nothing to train on or met refused bad rows."""
+    if scan.rows == 0:
+        raise DataError(f"{role}: {path} has no rows")
+    if scan.reports and opts.on_bad_rows != "drop":
+        raise DataError([r.message(role) for r in scan.reports.values()])
+    if scan.n_train == 0:
+        raise DataError(f"{role}: no training rows left in {path} after dropping bad rows and "
+                        "holding out validation rows")
+
+
+def _validation_set(opts: DataOptions, scan: _Scan, plan: ColumnPlan, classes: list | None,
+                    dtype: np.dtype, mean: np.ndarray, std: np.ndarray
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """``(x_val, y_val, warnings)`` from ``--val-data`` or else the held-out rows."""
+    x_val = y_val = None
+    extra: list[str] = []
+    if opts.val_data is not None:
+        x_val, y_val, val_dropped = read_validation(opts.val_data, plan, classes, dtype,
+                                                    opts.on_bad_rows)
+        if val_dropped:
+            extra.append(dropped_warning(val_dropped, opts.val_data))
+    elif scan.val_x:
+        x_val = np.concatenate(scan.val_x)
+        raw = np.concatenate(scan.val_t)
+        y_val = encode_labels(raw, classes)[0] if classes is not None else raw
+    if x_val is not None and opts.standardize:
+        standardize_(x_val, mean, std)
+    return x_val, y_val, extra
+
+
+def _scan_warnings(plan: ColumnPlan, scan: _Scan, classes: list | None, path: str,
+                   val_warnings: list[str]) -> list[str]:
+    """The bundle's warnings: the plan's, dropped rows, validation, classes never trained."""
+    warnings = list(plan.warnings)
+    if scan.dropped:
+        warnings.append(dropped_warning(scan.dropped, path))
+    warnings.extend(val_warnings)
+    if classes is not None:
+        seen = np.unique(np.concatenate(scan.trained))
+        warnings.extend(untrained_class_warnings(encode_labels(seen, classes)[0], classes,
+                                                 plan.target_names[0], path))
+    return warnings
+
+
 def load_streaming(options: DataOptions, src: Source, plan: ColumnPlan, path: str,
                    fraction: float) -> DataBundle:
     """The driver's one pass over the training data for streaming mode.
@@ -160,85 +259,25 @@ def load_streaming(options: DataOptions, src: Source, plan: ColumnPlan, path: st
     opts = DataOptions.of(options)
     dtype = np.dtype(opts.dtype)
     role = "data"
-    frags = {f.path: f for f in src.fragments}
-    stats = RunningStats(plan.n_features)
-    uniques: list[np.ndarray] = []
-    trained: list[np.ndarray] = []  # labels of training rows, to find classes never trained
-    val_x: list[np.ndarray] = []
-    val_t: list[np.ndarray] = []
-    reports: dict[str, BadRows] = {}
-    pieces: list[Piece] = []
-    start = dropped = 0
-    for frag, rg, file_row, _ in _list_pieces(src, plan, role):
-        table = _read_piece(src, frags, frag.path, rg, plan.columns, role)
-        piece = Piece(frag.path, rg, file_row, start, table.num_rows, 0)
-        spans = _piece_spans(piece)
-        audit_suspects(table, plan, spans, role)
-        conv = convert_table(table, spans, plan, dtype, role)
-        del table
-        for r in conv.reports:
-            if r.what in reports:
-                reports[r.what].count += r.count
-            else:
-                reports[r.what] = r
-        dropped += int(conv.bad.sum())
-        held = holdout_mask(np.arange(start, start + piece.rows), opts.seed, fraction)
-        good = ~conv.bad
-        train = good & ~held
-        stats.update_(conv.x[train])
-        if conv.labels is not None:
-            uniques.append(np.unique(conv.labels[good]))
-            trained.append(np.unique(conv.labels[train]))
-        if held.any():
-            keep = good & held
-            val_x.append(conv.x[keep])
-            val_t.append(conv.labels[keep] if conv.labels is not None else conv.y[keep])
-        pieces.append(Piece(frag.path, rg, file_row, start, piece.rows, int(train.sum())))
-        start += piece.rows
-    if start == 0:
-        raise DataError(f"{role}: {path} has no rows")
-    if reports and opts.on_bad_rows != "drop":
-        raise DataError([r.message(role) for r in reports.values()])
-    n_train = sum(p.usable for p in pieces)
-    if n_train == 0:
-        raise DataError(f"{role}: no training rows left in {path} after dropping bad rows and "
-                        "holding out validation rows")
+    scan = _scan_pieces(opts, src, plan, dtype, fraction, role)
+    _check_scan(scan, opts, path, role)
 
-    classes = classes_of(np.concatenate(uniques)) if uniques else None
-    mean, std = stats.finalize() if opts.standardize else (
+    classes = classes_of(np.concatenate(scan.uniques)) if scan.uniques else None
+    mean, std = scan.stats.finalize() if opts.standardize else (
         np.zeros(plan.n_features), np.ones(plan.n_features))
-    x_val = y_val = None
-    extra: list[str] = []
-    if opts.val_data is not None:
-        x_val, y_val, val_dropped = read_validation(opts.val_data, plan, classes, dtype,
-                                                    opts.on_bad_rows)
-        if val_dropped:
-            extra.append(dropped_warning(val_dropped, opts.val_data))
-    elif val_x:
-        x_val = np.concatenate(val_x)
-        raw = np.concatenate(val_t)
-        y_val = encode_labels(raw, classes)[0] if classes is not None else raw
-    if x_val is not None and opts.standardize:
-        standardize_(x_val, mean, std)
-    warnings = list(plan.warnings)
-    if dropped:
-        warnings.append(dropped_warning(dropped, path))
-    warnings.extend(extra)
-    if classes is not None:
-        seen = np.unique(np.concatenate(trained))
-        warnings.extend(untrained_class_warnings(encode_labels(seen, classes)[0], classes,
-                                                 plan.target_names[0], path))
+    x_val, y_val, val_warnings = _validation_set(opts, scan, plan, classes, dtype, mean, std)
+    warnings = _scan_warnings(plan, scan, classes, path, val_warnings)
     stream = StreamPlan(path, plan, None if classes is None else tuple(classes), mean, std,
                         bool(opts.standardize), dtype.name, opts.on_bad_rows,
-                        int(opts.seed), fraction, tuple(pieces))
+                        int(opts.seed), fraction, tuple(scan.pieces))
     return DataBundle(
         x_train=None, y_train=None, x_val=x_val, y_val=y_val, task=plan.task,
         n_features=plan.n_features,
         n_outputs=len(classes) if classes is not None else len(plan.target_names),
         classes=classes, feature_names=list(plan.feature_names),
         target_names=list(plan.target_names), mean=mean, std=std, source=path,
-        feature_widths=list(plan.feature_widths), dtype=dtype.name, n_train=n_train,
-        dropped_rows=dropped, notes=list(plan.notes), warnings=warnings, stream=stream)
+        feature_widths=list(plan.feature_widths), dtype=dtype.name, n_train=scan.n_train,
+        dropped_rows=scan.dropped, notes=list(plan.notes), warnings=warnings, stream=stream)
 
 
 def assign_pieces(pieces: tuple[Piece, ...], shares: list[int], seed: int) -> list[list[int]]:
