@@ -185,3 +185,51 @@ def test_job_submit_trains_with_token_and_is_refused_without(ray_head, tmp_path)
     wrong = _client_env(nohome, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
     assert run(check, env=wrong, timeout=60, check=False).returncode != 0
     print(f"ray job submit test: {time.monotonic() - started:.1f} s after the head was up")
+
+
+def test_job_stop_saves_the_run_and_resume_continues(ray_head, tmp_path):
+    """`ray job stop` sends SIGTERM: the job ends STOPPED with everything saved, and the
+    same command line with `--resume auto` finishes the run."""
+    url, token, _ = ray_head
+    env = _client_env(tmp_path / "client", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    out = tmp_path / "run"
+    # Ray SIGKILLs a stopped job after RAY_JOB_STOP_WAIT_TIME_S (default 3 s); give the
+    # save room on a loaded machine (deploy/README.md says the same for real clusters).
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
+    train = ["distbackprop", "train", "--workers", "2", "--hidden", "16", "--max-steps",
+             "4000", "--chunk-steps", "20", "--checkpoint-every", "400", "--out", str(out),
+             "--metrics-port", "0", "--quiet", "--resume", "auto"]
+    sub = run([tool("ray"), "job", "submit", "--address", url, "--no-wait",
+               "--runtime-env-json", json.dumps(runtime_env), "--", *train],
+              env=env, timeout=120, check=False)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job_id = [w for w in (sub.stdout + sub.stderr).split() if w.startswith("raysubmit_")][0]
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step-*")):
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    stop = run([tool("ray"), "job", "stop", "--address", url, job_id], env=env, timeout=120,
+               check=False)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    while True:
+        _, body = _http(f"{url}/api/jobs/{job_id}", token)
+        status = json.loads(body)["status"]
+        if status not in ("PENDING", "RUNNING"):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status == "STOPPED"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 4000
+    assert (out / "checkpoints" / f"step-{summary['steps']:08d}" / "manifest.json").exists()
+    assert (out / "model.npz").exists() and (out / "history.parquet").exists()
+    logs = run([tool("ray"), "job", "logs", "--address", url, job_id], env=env, timeout=60,
+               check=False).stdout
+    assert f"stopped at step {summary['steps']}" in logs
+    # The same command line again (a scheduler's retry) continues to the end.
+    again = run([tool("ray"), "job", "submit", "--address", url,
+                 "--runtime-env-json", json.dumps(runtime_env), "--", *train],
+                env=env, timeout=400, check=False)
+    assert again.returncode == 0, again.stdout[-3000:]
+    done = json.loads((out / "summary.json").read_text())
+    assert done["status"] == "finished" and done["steps"] == 4000

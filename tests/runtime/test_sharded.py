@@ -7,6 +7,8 @@ layer dense0 (1040 entries) straddles all three blocks and dense1 lies in the la
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -32,7 +34,7 @@ def _rel(a, b) -> float:
 def test_sharded_equals_replicated_and_local(ray_cluster, tmp_path, monkeypatch, workers,
                                              optimizer):
     # a non-finite gradient on one rank at step 11: skipped on every rank, in every mode
-    monkeypatch.setenv("DISTBACKPROP_TEST_FAULTS", '{"nan_at": {"11": [%d]}}' % (workers - 1))
+    monkeypatch.setenv("DISTBACKPROP_TEST_FAULTS", json.dumps({"nan_at": {"11": [workers - 1]}}))
     sh = _fit(tmp_path, "sh", workers=workers, update_on="sharded", optimizer=optimizer)
     rep = _fit(tmp_path, "rep", workers=workers, update_on="workers", optimizer=optimizer)
     monkeypatch.setenv("DISTBACKPROP_TEST_FAULTS", '{"nan_at": {"11": [0]}}')
