@@ -16,6 +16,9 @@ HOMES = {
     "prometheus_client": ("distbackprop/metrics/exporter.py",),
     "yaml": ("distbackprop/config.py",),
     "matplotlib": ("distbackprop/report.py",),
+    # the data plane and the history writer; `bench data` times raw pyarrow as its reference
+    "pyarrow": ("distbackprop/data/", "distbackprop/metrics/history.py",
+                "distbackprop/bench/data.py"),
 }
 
 

@@ -24,15 +24,14 @@ PER_WORKER = 256
 
 
 def _dataset(directory: Path, rows: int = 4096) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from ..data.tables import write_parquet
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, 784)).astype(np.float32)
     y = rng.integers(0, 10, rows)
     cols = {f"f{i}": x[:, i] for i in range(784)}
     cols["target"] = y
     path = directory / "bench.parquet"
-    pq.write_table(pa.table(cols), path)
+    write_parquet(path, cols)
     return path
 
 

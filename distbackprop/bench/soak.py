@@ -17,14 +17,13 @@ TITLE = "soak: 64-32-10 MLP on digits, RSS / fds / threads per worker after warm
 
 def soak(out: Path, steps: int, **kw) -> list[dict]:
     """Run `steps` steps; one row per worker: RSS growth after warm-up, fd and thread drift."""
-    import pyarrow.parquet as pq
-
     from ..config import TrainConfig
+    from ..metrics.history import read_columns
     from ..runtime.trainer import Trainer
     cfg = TrainConfig(hidden=(32,), batch_size=32, max_steps=steps, quiet=True, metrics_port=0,
                       out=str(out), chunk_steps=max(50, steps // 100), **kw)
     res = Trainer(cfg).fit()
-    mem = pq.read_table(out / "memory.parquet").to_pydict()
+    mem = {k: v.tolist() for k, v in read_columns(out / "memory.parquet").items()}
     rows = []
     for w in sorted(set(mem["worker"])):
         idx = [i for i, x in enumerate(mem["worker"]) if x == w]

@@ -9,12 +9,14 @@ from here, and nothing here imports them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
+from distbackprop.atomic import atomic_path
 from distbackprop.data.errors import DataError
 from distbackprop.data.schema import (
     ColumnPlan,
@@ -265,3 +267,10 @@ def read_validation(path: str, plan: ColumnPlan, classes: list | None, dtype: np
         y = encode_or_raise(arrs, classes, plan.target_names[0], "val_data")
         return arrs.x, y, arrs.dropped
     return arrs.x, arrs.y, arrs.dropped
+
+
+def write_parquet(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> None:
+    """Columns of equal length as a Parquet file (synthetic data for benchmarks and tests)."""
+    import pyarrow.parquet as pq
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)

@@ -194,6 +194,26 @@ def test_image_builds_runs_as_non_root_and_trains(containers, base_image, tmp_pa
             time.sleep(1)
         state = containers.pod("inspect", "--format", "{{.State.Health.Status}}", cid).stdout
         assert state.strip() == "healthy"
+
+        # `podman stop` sends SIGTERM: the run saves everything and exits 143.
+        cidfile = tmp_path / "stop.cid"
+        containers.pod("run", "-d", *RUN_LIMITS, "--network", "none", "--no-healthcheck",
+                       "--cidfile", str(cidfile), "-v", f"{out}:/out", tag, "train", "--local",
+                       "--hidden", "32", "--max-steps", "200000", "--chunk-steps", "50",
+                       "--checkpoint-every", "500", "--metrics-port", "0", "--quiet",
+                       "--out", "/out/stop")
+        cid = cidfile.read_text().strip()
+        cids.append(cid)
+        deadline = time.monotonic() + 180
+        while not list((out / "stop").glob("checkpoints/step-*")):
+            assert time.monotonic() < deadline, containers.pod("logs", cid).stdout
+            time.sleep(0.5)
+        containers.pod("stop", "--time", "60", cid)
+        code = containers.pod("inspect", "--format", "{{.State.ExitCode}}", cid).stdout.strip()
+        assert code == "143", containers.pod("logs", cid).stdout
+        stopped = json.loads((out / "stop/summary.json").read_text())
+        assert stopped["status"] == "interrupted" and 0 < stopped["steps"] < 200000
+        assert (out / f"stop/checkpoints/step-{stopped['steps']:08d}/manifest.json").exists()
         print(f"\nimage {tag}: {size_mb:.0f} MB on the debootstrap base; "
               f"built in {build_seconds:.0f} s, test {time.monotonic() - started:.0f} s")
     finally:

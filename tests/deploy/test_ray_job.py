@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -203,7 +204,7 @@ def test_job_stop_saves_the_run_and_resume_continues(ray_head, tmp_path):
                "--runtime-env-json", json.dumps(runtime_env), "--", *train],
               env=env, timeout=120, check=False)
     assert sub.returncode == 0, sub.stdout + sub.stderr
-    job_id = [w for w in (sub.stdout + sub.stderr).split() if w.startswith("raysubmit_")][0]
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", sub.stdout + sub.stderr).group(0)
     deadline = time.monotonic() + 240
     while not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step-*")):
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
