@@ -364,8 +364,8 @@ def nonfinite_rows(a: np.ndarray) -> np.ndarray:
     """``(rows,)`` bool: rows of ``a`` (any shape with rows first) holding NaN or ±inf."""
     n = a.shape[0]
     bad = np.zeros(n, dtype=bool)
-    if not np.issubdtype(a.dtype, np.floating):
-        return bad
+    if not np.issubdtype(a.dtype, np.floating) or n == 0:
+        return bad  # (an empty piece: reshape(0, -1) has no width to infer)
     flat = a.reshape(n, -1)
     for r0 in range(0, n, _BLOCK_ROWS):
         blk = flat[r0:r0 + _BLOCK_ROWS]

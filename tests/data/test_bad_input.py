@@ -99,6 +99,7 @@ def test_variable_length_list_is_refused(tmp_path):
 def test_empty_dataset(tmp_path, table):
     p = write(table.slice(0, 0), tmp_path / "empty.parquet")
     _raises(cfg(p), r"empty\.parquet has no rows")
+    _raises(cfg(p, streaming=True), r"empty\.parquet has no rows")
     (tmp_path / "nothing").mkdir()
     _raises(cfg(tmp_path / "nothing"), r"nothing holds no data files")
 
