@@ -7,7 +7,6 @@ unchanged on every backend and are tested once against all of them.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -133,25 +132,47 @@ def flag_max(comm: Communicator, value: float) -> float:
     return float(buf[0])
 
 
-def local_checksum(params: np.ndarray) -> float:
-    """CRC-32 of the bytes of `params`, as an exactly representable float64.
+_M52 = np.uint64((1 << 52) - 1)
 
-    Bit-level, so it changes with any single differing bit, and it is finite even for
-    NaN parameters (a float sum would be NaN and compare unequal to itself).
+
+def _fold52(v: np.uint64) -> float:
+    """64 bits folded to 52 by XOR (a float64 holds them exactly): one changed bit of `v`
+    changes exactly one bit of the result."""
+    return float((v & _M52) ^ (v >> np.uint64(52)))
+
+
+def local_checksum(params: np.ndarray) -> tuple[float, float]:
+    """A fingerprint of the bytes of `params`: (⊕ of its 64-bit words, Σ of them mod 2⁶⁴),
+    each folded to 52 bits, as two exactly representable floats.
+
+    Bit-level: any single differing bit changes the XOR part; the sum part catches most of
+    what cancels in XOR (e.g. the same bit set in two words). Finite even for NaN
+    parameters.
+    Two streaming passes (~0.5 ms for 7 MB here) instead of CRC-32's ~3 ms.
     """
-    data = np.ascontiguousarray(params).view(np.uint8)
-    return float(zlib.crc32(data))
+    raw = np.ascontiguousarray(params).reshape(-1).view(np.uint8)
+    whole = raw.size - raw.size % 8
+    words = raw[:whole].view(np.uint64)
+    x = np.bitwise_xor.reduce(words) if words.size else np.uint64(0)
+    s = words.sum(dtype=np.uint64)
+    if whole < raw.size:  # the tail bytes as one zero-padded word
+        tail = np.zeros(8, np.uint8)
+        tail[: raw.size - whole] = raw[whole:]
+        t = tail.view(np.uint64)[0]
+        x, s = x ^ t, s + t
+    return _fold52(np.uint64(x)), _fold52(np.uint64(s))
 
 
 def checksum(comm: Communicator, params: np.ndarray) -> tuple[float, float]:
-    """(min, max) over ranks of `local_checksum(params)`; replicas agree iff min == max.
+    """(min, max) over ranks of `local_checksum(params)` (its two parts read as one pair,
+    compared part by part); replicas agree iff min == max.
 
-    One MAX-allreduce of [c, -c] gives both max c and -min c.
+    One MAX-allreduce of [c, -c] per part gives both maxima and minima.
     """
     c = local_checksum(params)
-    buf = np.array([c, -c], dtype=np.float64)
+    buf = np.array([*c, -c[0], -c[1]], dtype=np.float64)
     comm.allreduce_(buf, op="max")
-    return float(-buf[1]), float(buf[0])
+    return (-buf[2], -buf[3]), (buf[0], buf[1])
 
 
 class BucketedAllreduce:

@@ -3,7 +3,7 @@
 No Ray: `MpiComm` wraps COMM_WORLD. Rank 0 runs the `Trainer` with an
 `MpiRootGroup` injected as its group, which broadcasts each command to the
 other ranks; they run `follow` until told to stop. Per-rank memory and
-parameter checksums reach rank 0 through one SUM-allreduce of a (size, 4)
+parameter checksums reach rank 0 through one SUM-allreduce of a (size, 5)
 table in which each rank fills its own row.
 """
 
@@ -46,12 +46,12 @@ class MpiRootGroup:
         state = self.worker.state()
         table = _gather_table(self.worker, self.comm)
         out = [res]
-        res["checksum"] = table[0, 0]
+        res["checksum"] = (table[0, 0], table[0, 1])
         for r in range(1, self.size):
-            out.append({"rank": r, "checksum": table[r, 0],
-                        "memory": {"rss_bytes": int(table[r, 2]),
-                                   "peak_rss_bytes": int(table[r, 1]),
-                                   "activation_bytes": int(table[r, 3])}})
+            out.append({"rank": r, "checksum": (table[r, 0], table[r, 1]),
+                        "memory": {"rss_bytes": int(table[r, 3]),
+                                   "peak_rss_bytes": int(table[r, 2]),
+                                   "activation_bytes": int(table[r, 4])}})
         return out, state
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
@@ -73,10 +73,11 @@ class MpiRootGroup:
 
 
 def _gather_table(worker: Worker, comm) -> np.ndarray:
-    """(size, 4) float64: parameter CRC, peak RSS, RSS, activation bytes — one row per rank."""
-    t = np.zeros((comm.size, 4))
+    """(size, 5) float64: the parameter checksum's two parts, peak RSS, RSS, activation
+    bytes — one row per rank."""
+    t = np.zeros((comm.size, 5))
     mem = worker.memory()
-    t[comm.rank] = (worker.checksum(), mem["peak_rss_bytes"], mem["rss_bytes"],
+    t[comm.rank] = (*worker.checksum(), mem["peak_rss_bytes"], mem["rss_bytes"],
                     mem["activation_bytes"])
     comm.allreduce_(t)
     return t

@@ -96,7 +96,7 @@ class _GroupGradient:
 def check_replicas(results: list[dict[str, Any]]) -> None:
     sums = [r["checksum"] for r in results]
     if any(s != sums[0] for s in sums[1:]):
-        detail = ", ".join(f"rank {r['rank']}: crc32={int(s):08x}"
+        detail = ", ".join(f"rank {r['rank']}: {int(s[0]):013x}-{int(s[1]):013x}"
                            for r, s in zip(results, sums, strict=True))
         raise ReplicasDiverged(f"replicas diverged (parameter checksums differ: {detail})")
 

@@ -158,8 +158,8 @@ class Worker:
     def set_params_(self, params: np.ndarray) -> None:
         self.model.params[...] = params
 
-    def checksum(self) -> float:
-        """CRC-32 of the parameter bytes: replicas must agree bit for bit."""
+    def checksum(self) -> tuple[float, float]:
+        """A bit-level fingerprint of the parameters: replicas must agree bit for bit."""
         from ..comm import local_checksum
         return local_checksum(self.model.params)
 

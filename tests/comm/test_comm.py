@@ -48,7 +48,29 @@ def test_local_helpers_are_identity():
     assert comm.allreduce_(x, "max") is x and np.array_equal(x, np.arange(5.0))
     assert flag_max(comm, 3.0) == 3.0
     lo, hi = checksum(comm, x)
-    assert lo == hi and lo == float(int(lo))
+    assert lo == hi and all(v == float(int(v)) for v in lo)
+
+
+@pytest.mark.parametrize("dtype,n", [(np.float64, 1001), (np.float32, 1001), (np.float32, 1)])
+def test_every_single_bit_flip_changes_the_checksum(dtype, n):
+    from distbackprop.comm import local_checksum
+    x = np.random.default_rng(0).standard_normal(n).astype(dtype)
+    base = local_checksum(x)
+    raw = x.view(np.uint8)
+    for byte in (0, raw.size // 2, raw.size - 1):  # the first, a middle and a tail byte
+        for bit in range(8):
+            raw[byte] ^= 1 << bit
+            assert local_checksum(x) != base, (byte, bit)
+            raw[byte] ^= 1 << bit
+    assert local_checksum(x) == base
+    # the same bit set in two words cancels in the XOR part but not in the sum
+    if raw.size >= 16:
+        raw[0] &= 0xFE
+        raw[8] &= 0xFE
+        base = local_checksum(x)
+        raw[0] |= 1
+        raw[8] |= 1
+        assert local_checksum(x) != base
 
 
 def test_bucketing_groups_adjacent_layers_and_rejects_gaps():

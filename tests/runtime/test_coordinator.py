@@ -57,9 +57,9 @@ class FakeGroup:
                          phase_seconds=[0, 0, 0, 0, 0])
             if consecutive >= 3:
                 break
-        crcs = [1.0] * self.size
+        crcs = [(1.0, 1.0)] * self.size
         if start + k - 1 in self.script.get("diverge_at", ()):
-            crcs[-1] = 2.0
+            crcs[-1] = (2.0, 1.0)
         results = [{"rank": r, "stats": stats.as_dict(), "memory": {}, "checksum": crcs[r],
                     "consecutive_skips": consecutive} for r in range(self.size)]
         return results, {"params": self.value.copy()}
