@@ -53,6 +53,11 @@ _WORKER_PORTS = 24
 _HEAD_EXTRA_PORTS = 2  # GCS, Ray client server
 _NODE_BLOCK = _NODE_FIXED_PORTS + _WORKER_PORTS
 
+# Worker node k numbers its processes from k * PID_STRIDE up (ns_last_pid), so a PID seen
+# in some node's namespace tells which node it is on, and no two nodes share a PID. Below
+# the default pid_max of 32768; a node uses a few hundred PIDs (threads count) in a test.
+PID_STRIDE = 3000
+
 # Every node's environment: no token auth (the tests' convention), no usage-stats
 # reporting (it tries the internet at start-up and costs seconds on a closed network).
 BASE_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -145,6 +150,7 @@ class Node:
     node_id: str | None = None  # Ray's hex node id, once registered
     started_at: float = 0.0
     pid_ns: str | None = None  # the namespace's id (worker nodes), for leak checks
+    pid_base: int = 0  # worker nodes: PIDs inside the namespace start above this
     history: list[str] = field(default_factory=list)  # node ids of earlier incarnations
 
     @property
@@ -262,16 +268,36 @@ class Cluster:
             raise ValueError(f"ipc must be 'own' or 'shared', got {ipc!r}")
         node = Node(name, False, ipc, num_cpus, pick_port_block(_NODE_BLOCK),
                     self.tmp / name, self.root / f"{name}.log", self._node_env(env))
+        node.pid_base = PID_STRIDE * len(self.worker_nodes()) + PID_STRIDE
+        if node.pid_base + PID_STRIDE > _pid_max():
+            raise ValueError(f"too many worker nodes for pid_max {_pid_max()}")
         self.nodes[name] = node
         self._start_worker(node, wait)
         return node
 
+    def add_nodes(self, names: list[str], **kw) -> list[Node]:
+        """`add_node` for each name, started together (their start-up overlaps), then
+        waited for."""
+        nodes = [self.add_node(n, wait=False, **kw) for n in names]
+        for node in nodes:
+            self.wait_registered(node.name)
+        return nodes
+
+    def wait_registered(self, name: str) -> str:
+        """Wait until node `name` (started with wait=False) is alive in the GCS; its id."""
+        node = self.nodes[name]
+        node.node_id = self._wait_registered(node)
+        self.timings[f"{name}_start"] = time.monotonic() - node.started_at
+        return node.node_id
+
     def _start_worker(self, node: Node, wait: bool) -> None:
         t0 = time.monotonic()
         flags = ["-p", "-f", "-u", "--mount-proc"] + (["-i"] if node.ipc == "own" else [])
-        # PID 1 inside is a shell that names the host and then waits for `ray start`:
-        # a shell as init reaps the orphans Ray leaves, which `ray start` would not.
-        script = 'hostname "$0" && "$@"'
+        # PID 1 inside is a shell that names the host, moves the namespace's PID counter
+        # to this node's block, and then waits for `ray start`: a shell as init reaps
+        # the orphans Ray leaves, which `ray start` would not.
+        script = (f'hostname "$0" && echo {node.pid_base} > /proc/sys/kernel/ns_last_pid '
+                  f'&& "$@"')
         cmd = [shutil.which("unshare") or "unshare", *flags, "--", "/bin/sh", "-c", script,
                node.name, ray_executable(), "start", "--address", self.address,
                *self._common_args(node)]
@@ -327,6 +353,34 @@ class Cluster:
                 "death": info.death_info.reason_message if info.death_info else "",
                 "end_time_ms": info.end_time_ms,
             })
+        return rows
+
+    def actor_table(self, class_name: str | None = None) -> list[dict]:
+        """Every actor the GCS knows (dead ones too, until it forgets them): id, class,
+        state, the node it was placed on (hex id and harness name), its PID there."""
+        import asyncio
+
+        from ray.core.generated.gcs_pb2 import ActorTableData
+        async def fetch():  # the client binds its future to the running loop
+            return await self.gcs().async_get_all_actor_info(timeout=10)
+
+        reply = asyncio.run(fetch())
+        infos = reply.values() if hasattr(reply, "values") else reply
+        names = {}
+        for n in self.nodes.values():
+            for nid in [n.node_id, *n.history]:
+                if nid:
+                    names[nid] = n.name
+        rows = []
+        for a in infos:
+            if class_name is not None and a.class_name != class_name:
+                continue
+            raw = a.node_id or a.address.node_id
+            nid = raw.hex() if raw else ""
+            rows.append({"actor_id": a.actor_id.hex(), "class_name": a.class_name,
+                         "state": ActorTableData.ActorState.Name(a.state), "node_id": nid,
+                         "node": names.get(nid), "pid": a.pid,
+                         "death": a.death_cause.WhichOneof("context") or ""})
         return rows
 
     def _find_alive(self, node: Node) -> str | None:
@@ -418,6 +472,27 @@ class Cluster:
         self._start_worker(node, wait)
         return node
 
+    def node_of_pid(self, pid: int) -> str | None:
+        """The worker node whose PID block holds `pid` (a PID as seen inside a node, e.g.
+        an actor's `os.getpid()`); None if no node's block does."""
+        for node in self.worker_nodes():
+            if node.pid_base < pid <= node.pid_base + PID_STRIDE:
+                return node.name
+        return None
+
+    def host_pid(self, name: str, ns_pid: int) -> int | None:
+        """Host PID of the process that is `ns_pid` inside node `name`'s namespace."""
+        node = self.nodes[name]
+        for pid in _ns_pids(node.pid_ns) if node.pid_ns else []:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    nspid = next(line for line in f if line.startswith("NSpid:"))
+            except (OSError, StopIteration):
+                continue
+            if int(nspid.split()[-1]) == ns_pid:
+                return pid
+        return None
+
     def worker_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if not n.head]
 
@@ -449,6 +524,11 @@ class Cluster:
             _stop_session(head.proc, grace=15.0)
         self._gcs = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _pid_max() -> int:
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read())
 
 
 def _port_open(port: int) -> bool:
