@@ -472,6 +472,13 @@ class Cluster:
         self._start_worker(node, wait)
         return node
 
+    def node_name(self, node_id: str) -> str | None:
+        """The harness name of Ray node `node_id` (any incarnation), or None."""
+        for node in self.nodes.values():
+            if node_id == node.node_id or node_id in node.history:
+                return node.name
+        return None
+
     def node_of_pid(self, pid: int) -> str | None:
         """The worker node whose PID block holds `pid` (a PID as seen inside a node, e.g.
         an actor's `os.getpid()`); None if no node's block does."""
