@@ -61,15 +61,23 @@ def driver_env(cluster: Cluster) -> dict[str, str]:
     return env
 
 
-def train(cluster: Cluster | None, out: Path, *args: str, timeout: float = 300,
-          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m distbackprop train ARGS --out OUT` against `cluster` (None: --local)."""
+def train_command(cluster: Cluster | None, out: Path, *args: str,
+                  env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of `python -m distbackprop train ARGS --out OUT` against
+    `cluster` (None: whatever ARGS say, e.g. --local), for `subprocess`."""
     cmd = [sys.executable, "-m", "distbackprop", "train", *args, "--out", str(out),
            "--metrics-port", "0", "--quiet"]
     full_env = driver_env(cluster) if cluster is not None else dict(os.environ)
     if cluster is not None:
         cmd += ["--ray-address", cluster.address]
     full_env.update(env or {})
+    return cmd, full_env
+
+
+def train(cluster: Cluster | None, out: Path, *args: str, timeout: float = 300,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `train_command(...)` to the end and capture its output."""
+    cmd, full_env = train_command(cluster, out, *args, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)
 
