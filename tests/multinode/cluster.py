@@ -20,13 +20,18 @@ later ``ray.init()`` elsewhere would attach to. Callers always pass the explicit
 
 Usage::
 
-    with Cluster(root) as c:            # starts the head (0 CPUs)
-        c.add_node("n1")                # a worker node with 1 CPU
-        c.add_node("n2")
-        c.wait_nodes_alive(3)
+    with Cluster(root, env={"PYTHONPATH": repo}) as c:   # starts the head (0 CPUs)
+        c.add_nodes(["n1", "n2"])       # worker nodes, 1 CPU each, started together
+        c.add_node("s1", ipc="shared")  # own PID/UTS namespaces, the host's IPC
+        run_driver(c.address)           # always the explicit address
+        c.node_of_pid(actor_pid)        # which node a PID (as seen inside a node) is on
+        c.actor_table("_ActorBody")     # Ray's record of actors: state, node, PID
         c.kill_node("n1")               # SIGKILL the namespace: the machine is gone
-        c.wait_node_dead("n1")
+        c.wait_node_dead("n1")          # until the GCS says so (its health checks)
         c.restart_node("n1")            # a fresh node (a new Ray node id), same ports
+
+Measured on the 2-core test machine: head 6.6-13 s, three worker nodes started
+together 12-17 s; the GCS marks a killed node dead 13-14 s after the SIGKILL.
 """
 
 from __future__ import annotations
