@@ -3,6 +3,9 @@
 Importing this module initialises MPI (MPICH singleton init when not under mpiexec, with
 MPI_THREAD_MULTIPLE: the rendezvous runs its blocking steps in a helper thread). Import it
 only in processes that take part in a group: the workers, or every rank under mpiexec.
+Before that, the import applies `distbackprop.comm.transport.transport_env()` (e.g.
+``UCX_TLS=tcp,self`` in a container that shares the host's IPC namespace but not its PID
+namespace, where UCX's shared memory cannot reach the host's processes).
 
 Rendezvous among already-running processes (Ray actors), rank = actor index:
 
@@ -27,15 +30,34 @@ caller must stop the process (the coordinator kills the group and starts a new o
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 
 import numpy as np
-from mpi4py import MPI
 
 from distbackprop.comm.base import RendezvousError, Request
+from distbackprop.comm.transport import FIX_HINT, apply_transport_env, transport_env
 
-__all__ = ["MPI", "MpiComm", "MpiRequest", "open_port", "close_port", "join"]
+
+def _choose_transport() -> dict[str, str]:
+    """Apply `transport_env()` now: UCX reads its transport list once, at MPI_Init, which
+    the mpi4py import below performs. Skipped if MPI was initialised elsewhere already."""
+    env = transport_env()
+    try:
+        apply_transport_env(env)
+    except RuntimeError:
+        return {}
+    return env
+
+
+# What this process chose (e.g. {"UCX_TLS": "tcp,self"}), for diagnostics and tests.
+TRANSPORT_ENV: dict[str, str] = _choose_transport()
+
+from mpi4py import MPI  # noqa: E402 - must follow _choose_transport (see above)
+
+__all__ = ["MPI", "MpiComm", "MpiRequest", "TRANSPORT_ENV", "open_port", "close_port",
+           "join"]
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _IN_PLACE = MPI.IN_PLACE
@@ -193,6 +215,14 @@ def _info_timeout(deadline: float) -> MPI.Info:
     return info
 
 
+def _transport_hint(deadline: float) -> str:
+    """The fix to name when Connect/Accept failed long before its timeout: a peer that is
+    merely late makes MPI wait, while a transport that cannot reach the peer fails at once."""
+    if deadline - time.monotonic() < 2.0 or "tcp" in os.environ.get("UCX_TLS", ""):
+        return ""
+    return f"; failed at once, not by timeout: {FIX_HINT}"
+
+
 def _grow(ports: list[str], rank: int, size: int, timeout: float, deadline: float,
           progress: dict) -> MPI.Intracomm:
     """Grow COMM_SELF into the whole group; returns the merged Intracomm with rank = `rank`."""
@@ -211,20 +241,21 @@ def _grow(ports: list[str], rank: int, size: int, timeout: float, deadline: floa
                 else:
                     inter = group.Accept(ports[k - 1], info, 0)
             except MPI.Exception as exc:
+                hint = _transport_hint(deadline)
                 if rank != k:
                     raise RendezvousError(
                         f"rank {k} did not join the MPI group within {timeout:g} s "
                         f"({_members(k)} waiting; raised on rank {rank}; MPI: "
-                        f"{_mpi_reason(exc)})", rank=rank, missing_rank=k) from exc
+                        f"{_mpi_reason(exc)}){hint}", rank=rank, missing_rank=k) from exc
                 if k == 1:
                     raise RendezvousError(
                         f"rank 0 did not accept rank 1 into the MPI group within {timeout:g} s "
-                        f"(raised on rank 1; MPI: {_mpi_reason(exc)})",
+                        f"(raised on rank 1; MPI: {_mpi_reason(exc)}){hint}",
                         rank=rank, missing_rank=0) from exc
                 raise RendezvousError(
                     f"rank {k} could not join the MPI group within {timeout:g} s: ranks "
                     f"0..{k - 1} had not all joined (rank 0 names the missing one; MPI: "
-                    f"{_mpi_reason(exc)})", rank=rank, missing_rank=None) from exc
+                    f"{_mpi_reason(exc)}){hint}", rank=rank, missing_rank=None) from exc
             finally:
                 info.Free()
             try:

@@ -115,8 +115,13 @@ class _ActorBody:
         self.worker = spec.build_worker(rank, world, x, y)
         self.rank, self.world = rank, world
 
-    def pid(self) -> int:
-        return os.getpid()
+    def pid(self) -> ActorPid:
+        """This process's PID with where it is valid: the Ray node and the namespaces."""
+        import ray
+
+        from ..comm.transport import process_identity
+        return ActorPid(os.getpid(), ray.get_runtime_context().get_node_id(),
+                        process_identity())
 
     def open_port(self) -> str:
         from ..comm.mpi import open_port
@@ -258,7 +263,13 @@ class RayGroup:
         self._gather([a.load_state.remote(ref) for a in self.actors], 120, "load state")
 
     def shutdown(self, graceful: bool = False) -> None:
-        """Kill every actor (waiting until its process is gone) and remove the placement group."""
+        """Kill every actor, wait until each is gone, and remove the placement group.
+
+        Only an actor on the driver's own node (and PID namespace) is waited for, and if
+        need be SIGKILLed, by its PID; any other actor's PID belongs to another machine or
+        container, where the same number can be an unrelated local process, so those are
+        left to Ray (`ray.kill`, then wait until Ray reports them dead).
+        """
         import ray
         if graceful and self.actors:
             try:
@@ -270,7 +281,11 @@ class RayGroup:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
-        _wait_pids_gone(self.pids, 15.0)
+        local = _local_ranks(self.pids)
+        remote = [a for i, a in enumerate(self.actors) if i not in local]
+        end = time.monotonic() + 15.0
+        _wait_pids_gone([self.pids[i] for i in sorted(local)], 15.0)
+        _wait_actors_dead(remote, max(1.0, end - time.monotonic()))
         self.actors, self.pids = [], []
         if self.pg is not None:
             try:
@@ -281,7 +296,78 @@ class RayGroup:
             self.pg = None
 
 
+class ActorPid(int):
+    """An actor's PID, as seen in its own PID namespace, with where that is: `node_id`
+    (Ray's hex node id) and `identity` (`comm.transport.process_identity()`). Still an int,
+    so code that lists, formats or compares worker PIDs is unchanged (str() and repr() are
+    the int's: psutil builds /proc paths with them); `shutdown` signals it only where it is
+    local (`_local_ranks`)."""
+
+    node_id: str | None
+    identity: dict
+
+    def __new__(cls, pid: int, node_id: str | None = None,
+                identity: dict | None = None) -> ActorPid:
+        self = super().__new__(cls, pid)
+        self.node_id = node_id
+        self.identity = dict(identity or {})
+        return self
+
+    def __reduce__(self):
+        return (ActorPid, (int(self), self.node_id, self.identity))
+
+
+def _local_ranks(pids: list) -> set[int]:
+    """Indices of the PIDs that name processes of this machine and PID namespace: same Ray
+    node as the driver, same boot and PID namespace. A bare int (no location) never is."""
+    if not pids:
+        return set()
+    import ray
+
+    from ..comm.transport import process_identity
+    here_node = ray.get_runtime_context().get_node_id()
+    here = process_identity()
+    return {i for i, p in enumerate(pids)
+            if isinstance(p, ActorPid) and p.node_id == here_node
+            and p.identity.get("boot_id") == here["boot_id"]
+            and p.identity.get("pid_ns") == here["pid_ns"]}
+
+
+def _wait_actors_dead(actors: list, timeout: float) -> list:
+    """Wait until Ray reports each (killed) actor dead; returns those it did not in time.
+
+    A call on a dead actor fails with RayActorError; one that returns means the actor was
+    still alive, so it is asked again. With max_concurrency=1 a probe queued behind a hung
+    task simply waits for the kill to land.
+    """
+    import ray
+    from ray.exceptions import RayError
+
+    end = time.monotonic() + timeout
+    probes = {a.pid.remote(): a for a in actors}
+    while probes and time.monotonic() < end:
+        ready, _ = ray.wait(list(probes), num_returns=len(probes),
+                            timeout=max(0.0, min(1.0, end - time.monotonic())))
+        again = []
+        for ref in ready:
+            actor = probes.pop(ref)
+            try:
+                ray.get(ref, timeout=0)
+                again.append(actor)  # answered: not dead yet
+            except RayError:  # RayActorError: dead (or its node is gone with it)
+                pass
+        if again:
+            time.sleep(0.1)
+            probes.update({a.pid.remote(): a for a in again})
+    return list(probes.values())
+
+
 def _wait_pids_gone(pids: list[int], timeout: float) -> None:
+    """Wait for local processes `pids` to exit; SIGKILL those still there at `timeout`.
+
+    Only for PIDs of this machine and PID namespace (`_local_ranks`): a PID from another
+    node names an unrelated process here, if any.
+    """
     import psutil
     end = time.monotonic() + timeout
     for pid in pids:

@@ -1,0 +1,106 @@
+"""Fixtures for the multi-node tests: one namespaced Ray cluster per session (see cluster.py).
+
+`multinode_cluster` is a head with 0 CPUs (so actors land on worker nodes) and worker
+nodes ``n1``, ``n2``, ``n3`` with 1 CPU each, every worker node in its own PID, UTS and
+IPC namespaces. Tests may kill and restart nodes (`Cluster.kill_node`,
+`Cluster.restart_node`); a test that leaves a node dead must restart it before it
+ends (`restore_nodes` does that for every test that asks for it), so the next test
+finds the full cluster.
+
+Needs root (for the namespaces), util-linux `unshare`, and the `ray` CLI; without
+them the tests skip, and under CI=true they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IN_CI, require_module, require_tool
+from tests.multinode.cluster import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER_NODES = ("n1", "n2", "n3")
+
+
+def _require(ok: bool, why: str) -> None:
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{why} (CI=true: a missing prerequisite is a failure, not a skip)")
+    pytest.skip(why)
+
+
+def require_namespaces() -> None:
+    """Root, `unshare`, `ray` and mpi4py: what every multi-node test needs."""
+    require_module("ray")
+    require_module("mpi4py")
+    require_tool("unshare")
+    require_tool("ray")
+    _require(os.geteuid() == 0, "the multi-node harness needs root (PID/IPC namespaces)")
+
+
+def node_env() -> dict[str, str]:
+    """Environment of every node: the package under test first on the path, since the
+    workers Ray starts inherit the node's environment, not the driver's."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
+
+
+def driver_env(cluster: Cluster) -> dict[str, str]:
+    """Environment of a driver (the CLI) that joins `cluster`: explicit address only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCX_", "FI_"))}
+    env.pop("RAY_ADDRESS", None)
+    env.update(node_env())
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    return env
+
+
+def train_command(cluster: Cluster | None, out: Path, *args: str,
+                  env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of `python -m distbackprop train ARGS --out OUT` against
+    `cluster` (None: whatever ARGS say, e.g. --local), for `subprocess`."""
+    cmd = [sys.executable, "-m", "distbackprop", "train", *args, "--out", str(out),
+           "--metrics-port", "0", "--quiet"]
+    full_env = driver_env(cluster) if cluster is not None else dict(os.environ)
+    if cluster is not None:
+        cmd += ["--ray-address", cluster.address]
+    full_env.update(env or {})
+    return cmd, full_env
+
+
+def train(cluster: Cluster | None, out: Path, *args: str, timeout: float = 300,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `train_command(...)` to the end and capture its output."""
+    cmd, full_env = train_command(cluster, out, *args, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(tmp_path_factory):
+    """Head (0 CPUs, host namespaces) + n1, n2, n3 (1 CPU each, own PID/UTS/IPC namespaces)."""
+    require_namespaces()
+    t0 = time.monotonic()
+    cluster = Cluster(tmp_path_factory.mktemp("multinode"), env=node_env())
+    with cluster:
+        cluster.add_nodes(list(WORKER_NODES))
+        cluster.timings["cluster_start"] = time.monotonic() - t0
+        yield cluster
+    leaked = [p for p in cluster.pids() if os.path.exists(f"/proc/{p}")]
+    assert not leaked, f"cluster processes outlived stop(): {leaked}"
+
+
+@pytest.fixture
+def restore_nodes(multinode_cluster):
+    """After the test: start again every worker node it killed, and wait for it."""
+    yield multinode_cluster
+    for name in WORKER_NODES:
+        node = multinode_cluster.nodes[name]
+        if not node.running():
+            multinode_cluster.restart_node(name)
