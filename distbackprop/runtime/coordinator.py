@@ -84,9 +84,11 @@ class CommitKeeper:
     def newest(self) -> Commit:
         return self._newest
 
-    def offer(self, commit: Commit) -> None:
+    def offer(self, commit: Commit, local: bool = False) -> None:
+        """Keep `commit` as the newest; `local`: it already lives on this node (in this
+        node's object store), so it is safe without a pull."""
         self._newest = commit
-        if isinstance(commit.state, dict):
+        if isinstance(commit.state, dict) or local:
             self._join()
             with self._lock:
                 self._safe = commit
@@ -325,7 +327,7 @@ class Coordinator:
         self.stats.skipped += int(stats["skipped"].sum())
         self.stats.losses.append(stats["loss"].copy())
         commit = Commit(step + n, res.state, res.consecutive_skips)
-        self.keeper.offer(commit)
+        self.keeper.offer(commit, local=getattr(self.group, "commit_is_local", True))
         self.observer.on_chunk(stats, res.memory, self.group.size)
         self.observer.on_commit(commit)
         skipped = np.flatnonzero(stats["skipped"])

@@ -20,6 +20,10 @@ import numpy as np
 from .faults import worker_class
 from .worker import ReplicaSpec, Worker
 
+# How long a recovery waits for the GCS to declare an unreachable node dead (Ray's default
+# health checks take ~14 s here; see deploy/README.md for tightening them).
+NODE_VERDICT_SECONDS = 60.0
+
 
 class WorkerFailure(RuntimeError):
     """A replica died or hung; `ranks` names them; `reason` is the restart metric's label
@@ -92,6 +96,12 @@ class LocalGroup:
         self.worker = None
 
 
+def _transport_for(peers: list[dict]) -> None:
+    """Before MPI starts in this actor: the transport its peers' namespaces allow."""
+    from ..comm.transport import apply_transport_env, transport_env
+    apply_transport_env(transport_env(peers))
+
+
 def _limit_blas(cpus: int) -> None:
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=cpus)
@@ -123,12 +133,14 @@ class _ActorBody:
         return ActorPid(os.getpid(), ray.get_runtime_context().get_node_id(),
                         process_identity())
 
-    def open_port(self) -> str:
+    def open_port(self, peers: list[dict]) -> str:
+        _transport_for(peers)
         from ..comm.mpi import open_port
         return open_port(self.world)
 
-    def join(self, port: str, timeout: float) -> int:
+    def join(self, port: str, timeout: float, peers: list[dict]) -> int:
         """Form the group (rank 0's join closes the ports, on success or failure)."""
+        _transport_for(peers)
         from ..comm.mpi import join
         comm = join(port, self.rank, self.world, timeout)
         self.worker.set_comm(comm)
@@ -195,9 +207,10 @@ class RayGroup:
         self.pids = self._gather([a.pid.remote() for a in self.actors],
                                  self.rendezvous_timeout, "start")
         if self.size > 1:
-            port = self._gather([self.actors[0].open_port.remote()],
+            peers = [p.identity for p in self.pids]  # decides the MPI transport (UCX_TLS)
+            port = self._gather([self.actors[0].open_port.remote(peers)],
                                 self.rendezvous_timeout, "open an MPI port")[0]
-            sizes = self._gather([a.join.remote(port, self.rendezvous_timeout)
+            sizes = self._gather([a.join.remote(port, self.rendezvous_timeout, peers)
                                   for a in self.actors],
                                  self.rendezvous_timeout + 5, "join the MPI communicator")
             if any(s != self.size for s in sizes):
@@ -230,7 +243,8 @@ class RayGroup:
                 results[index[r]] = ray.get(r)
             except RayActorError as exc:
                 raise WorkerFailure(f"worker rank {index[r]} died while trying to {what}: "
-                                    f"{type(exc).__name__}", [index[r]]) from None
+                                    f"{type(exc).__name__}", [index[r]],
+                                    self._failure_reason(exc, index[r])) from None
             except RayTaskError as exc:
                 raise WorkerFailure(f"worker rank {index[r]} failed to {what}: "
                                     f"{exc.cause!r}", [index[r]]) from None
@@ -238,6 +252,36 @@ class RayGroup:
                 raise WorkerFailure(f"worker rank {index[r]} could not {what}: "
                                     f"{type(exc).__name__}", [index[r]]) from None
         return [results[i] for i in sorted(results)]
+
+    def _failure_reason(self, exc: Exception, rank: int) -> str:
+        """"node_lost" when the actor's node is unreachable or gone, else "death".
+
+        Ray reports an unreachable actor (`ActorUnavailableError`) within moments of its
+        node vanishing, while the node itself is declared dead only after its health
+        checks time out (~14 s here)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError
+        node = getattr(self.pids[rank], "node_id", None) if rank < len(self.pids) else None
+
+        def alive() -> bool:
+            return node is not None and {n["NodeID"]: n["Alive"] for n in ray.nodes()}.get(
+                node, False)
+
+        if not isinstance(exc, ActorUnavailableError):
+            return "node_lost" if node is not None and not alive() else "death"
+        # Until the GCS declares the node dead, Ray still counts its CPUs as free and would
+        # place the next group there: wait for the verdict (bounded) before re-forming.
+        end = time.monotonic() + NODE_VERDICT_SECONDS
+        while alive() and time.monotonic() < end:
+            time.sleep(0.5)
+        return "node_lost"
+
+    @property
+    def commit_is_local(self) -> bool:
+        """Rank 0, whose result holds each commit, runs on the coordinator's own node."""
+        import ray
+        node = getattr(self.pids[0], "node_id", None) if self.pids else None
+        return node is not None and node == ray.get_runtime_context().get_node_id()
 
     def run_chunk(self, start: int, k: int, consecutive_skips: int,
                   deadline: float) -> tuple[list[dict], Any]:
