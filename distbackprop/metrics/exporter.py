@@ -154,6 +154,8 @@ class MetricsExporter:
         self.model = Gauge("distbackprop_model_bytes", "Model bytes by kind", ["kind"],
                            registry=r)
         self.workers = Gauge("distbackprop_workers", "Workers in the current group", registry=r)
+        self.workers_max = Gauge("distbackprop_workers_max", "The most workers the run may use "
+                                 "(--workers N or the MAX of MIN:MAX)", registry=r)
         self.restarts = Counter("distbackprop_worker_restarts_total",
                                 "Worker-group restarts, by reason", ["reason"], registry=r)
         for reason in RESTART_REASONS:  # every reason exported from the start, at 0

@@ -250,6 +250,8 @@ class RunObserver:
         exporter.set_model_bytes(model_bytes(model.params, model.grads,
                                              {"opt": np.zeros(self.optimizer_bytes, np.uint8)}))
         exporter.set_workers(self.cfg.world_size)
+        if exporter.enabled:
+            exporter.workers_max.set(self.cfg.max_workers)
         exporter.vanish_threshold.set(self.cfg.vanish_threshold)  # before the first chunk
         exporter.explode_threshold.set(self.cfg.explode_threshold)
         self.progress = _Progress(prep.total_steps, prep.resume.step if prep.resume else 0,

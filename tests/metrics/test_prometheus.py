@@ -53,7 +53,7 @@ def test_promtool_check_config():
 def test_promtool_check_rules():
     out = _promtool("check", "rules", "alerts.yml")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "7 rules found" in out.stdout
+    assert "8 rules found" in out.stdout
 
 
 def test_promtool_test_rules_cover_every_alert_firing_and_not():
@@ -62,7 +62,8 @@ def test_promtool_test_rules_cover_every_alert_firing_and_not():
     rules = yaml.safe_load((DEPLOY_PROMETHEUS / "alerts.yml").read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
     assert alerts == {"GradientExploding", "GradientVanishing", "NonFiniteGradients",
-                      "StepsSkipped", "WorkerMemoryHigh", "TrainingStalled", "WorkerRestarts"}
+                      "StepsSkipped", "WorkerMemoryHigh", "TrainingStalled", "WorkerRestarts",
+                      "RunBelowMaxWorkers"}
     tests = yaml.safe_load((DEPLOY_PROMETHEUS / "alerts_test.yml").read_text())["tests"]
     fires, silent = set(), set()
     for t in tests:
