@@ -238,7 +238,7 @@ def test_alert_rules_load_and_evaluate_cleanly(live):
     assert {r["name"] for r in rules} == {"GradientExploding", "GradientVanishing",
                                           "NonFiniteGradients", "StepsSkipped",
                                           "WorkerMemoryHigh", "TrainingStalled",
-                                          "WorkerRestarts"}
+                                          "WorkerRestarts", "RunBelowMaxWorkers"}
     bad = [(r["name"], r.get("lastError")) for r in rules if r.get("health") != "ok"]
     assert not bad, bad
     # exploding dense2 turns the alert pending (its hold is 1 minute) once the rule
