@@ -63,6 +63,8 @@ _HELP = {
     "resume": "continue the run in DIR from its newest good checkpoint; 'auto': continue "
               "--out DIR if it holds one, else start fresh",
     "max_failures": "worker-group restarts allowed before the run fails",
+    "commit_seconds": "seconds between in-memory commits of the training state: a failure "
+                      "rewinds at most this far (0 = every chunk)",
     "watchdog_seconds": "a chunk not back within this is a hang (default: from step time)",
     "rendezvous_timeout": "seconds for the workers to start and form the MPI group",
     "quiet": "no progress bar or messages",

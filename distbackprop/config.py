@@ -90,6 +90,7 @@ class TrainConfig:
     resume: str | None = None
     max_failures: int = 3
     watchdog_seconds: float | None = None
+    commit_seconds: float = 10.0
     # output
     quiet: bool = False
 
@@ -192,6 +193,7 @@ class TrainConfig:
         positive("keep_checkpoints")
         positive("rendezvous_timeout")
         positive("watchdog_seconds", optional=True)
+        positive("commit_seconds", strict=False)
         positive("lr_step_size")
         positive("vanish_threshold", strict=False)
         positive("explode_threshold")

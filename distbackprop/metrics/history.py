@@ -94,6 +94,18 @@ class HistoryWriter:
         self._chunks.append(chunk)
         self._steps += k
 
+    def truncate(self, step: int) -> None:
+        """Forget the rows of steps ≥ `step` (a recovery rewinds and replays them)."""
+        kept = []
+        for c in self._chunks:
+            keep = c["step"] < step
+            if keep.all():
+                kept.append(c)
+            elif keep.any():
+                kept.append({k: v[keep] for k, v in c.items()})
+        self._chunks = kept
+        self._steps = sum(len(c["step"]) for c in kept)
+
     def _column(self, name: str, dt: type, width: int | None = None) -> np.ndarray:
         if not self._chunks:
             return np.zeros((0,) if width is None else (0, width), dtype=dt)
@@ -169,6 +181,10 @@ class MemoryHistory:
             self._rows.append((int(step), int(rank), rss, int(m.get("peak_rss_bytes", rss)),
                                int(m.get("activation_bytes", 0)), int(m.get("open_fds", 0)),
                                int(m.get("threads", 0))))
+
+    def truncate(self, step: int) -> None:
+        """Forget the rows recorded at steps ≥ `step`."""
+        self._rows = [r for r in self._rows if r[0] < step]
 
     def to_table(self) -> pa.Table:
         arr = np.array(self._rows, dtype=np.int64).reshape(-1, len(MEMORY_COLUMNS))

@@ -127,6 +127,7 @@ class Observer(Protocol):
                  workers: int) -> None: ...
     def on_commit(self, commit: Commit) -> None: ...
     def on_restart(self, why: str, reason: str, resume_step: int) -> None: ...
+    def on_rewind(self, step: int) -> None: ...
 
 
 class NullObserver:
@@ -137,6 +138,9 @@ class NullObserver:
         pass
 
     def on_restart(self, why, reason, resume_step) -> None:
+        pass
+
+    def on_rewind(self, step) -> None:
         pass
 
 
@@ -151,7 +155,6 @@ class RunStats:
     failures: list[dict] = field(default_factory=list)  # when detected, why, which ranks
     # per chunk: (steps, wall seconds from dispatch to results, Σ step_seconds)
     chunks: list[tuple[int, float, float]] = field(default_factory=list)
-    losses: list[np.ndarray] = field(default_factory=list)
 
     def coordination_seconds_per_step(self) -> float | None:
         """Median over chunks (the first, a warm-up, left out) of (wall − Σ step time)/steps:
@@ -175,6 +178,11 @@ class Coordinator:
         self.placement = placement
         self.total_steps = total_steps
         self.keeper = CommitKeeper(commit)
+        # Steps done; the newest commit may be older: the state travels only every
+        # --commit-seconds (shipping it costs ~10 ms for the reference MLP), stats every chunk.
+        self.step = commit.step
+        self.consecutive_skips = commit.consecutive_skips
+        self._state_at = time.monotonic()
         self.observer = observer or NullObserver()
         self.policy = SkipPolicy(config.on_nonfinite, config.max_consecutive_skips)
         self.stop = stop or (lambda: None)
@@ -208,6 +216,7 @@ class Coordinator:
         finally:
             self.worker_pids += list(getattr(self.group, "pids", []))
         self.placement.restore(self.group, self.commit.step, self.commit.state)
+        self._state_at = time.monotonic()
 
     def _abandon(self) -> bool:
         """True once a stop was requested more than `stop_grace` seconds ago."""
@@ -243,7 +252,7 @@ class Coordinator:
         never joins) counts against `--max-failures` like one during training.
         """
         try:
-            while self.commit.step < self.total_steps and self.stop() is None:
+            while self.step < self.total_steps and self.stop() is None:
                 try:
                     if self.group is None:
                         self._start_group()
@@ -256,8 +265,11 @@ class Coordinator:
                 except WorkerFailure as exc:
                     self._recover(exc)
                 except ChunkAbandoned:
+                    self._rewind()  # the group is mid-chunk: the last commit is what holds
                     break
-            final = self.keeper.safe() if self.stop() is not None else self.commit
+            if self.group is not None:
+                self._commit_now()
+            final = self.keeper.safe()
             final.resolved()  # fetch the state while Ray is still up
             self.keeper.offer(final)
             self.state = State.FINISHED if final.step >= self.total_steps else State.STOPPED
@@ -276,18 +288,19 @@ class Coordinator:
     def _maybe_grow(self) -> None:
         """Below the most workers asked for and capacity came back: restart the group larger
         from the newest commit (a resize, not a failure)."""
-        if self.group is None or self.commit.step >= self.total_steps:
+        if self.group is None or self.step >= self.total_steps:
             return
         new = self.sizer.grow_to(self.group.size)
         if new is None or new <= self.group.size:
             return
         old = self.group.size
+        self._commit_now()
         self.keeper = CommitKeeper(self.keeper.safe())  # on this node before the group goes
         self.group.shutdown(graceful=True)
         self.group = None
         self._next_size = new
         self.observer.on_restart(f"capacity for {new} workers (was {old})", "resize",
-                                 self.commit.step)
+                                 self.step)
 
     def _recover(self, exc: WorkerFailure) -> None:
         """Kill the whole group (survivors are stuck inside MPI); the loop starts a new one
@@ -297,8 +310,7 @@ class Coordinator:
         if self.group is not None:
             self.group.shutdown()
             self.group = None
-        safe = self.keeper.safe()
-        self.keeper = CommitKeeper(safe)
+        safe = self._rewind()
         self.stats.failures.append({"detected_at": time.time(), "message": str(exc),
                                     "ranks": list(exc.ranks), "resume_step": safe.step,
                                     "reason": exc.reason})
@@ -308,14 +320,45 @@ class Coordinator:
         self.state = State.RECOVERING
         self.observer.on_restart(str(exc), exc.reason, safe.step)
 
+    def _rewind(self) -> Commit:
+        """Back to the newest commit held on this node; the observer forgets later steps."""
+        safe = self.keeper.safe()
+        self.keeper = CommitKeeper(safe)
+        if safe.step != self.step:
+            self.observer.on_rewind(safe.step)
+        self.step, self.consecutive_skips = safe.step, safe.consecutive_skips
+        return safe
+
+    def _want_state(self, end: int) -> bool:
+        """Ship the state with the chunk ending at step `end`? At the end, when a checkpoint
+        is due, on a stop request, and every --commit-seconds."""
+        c = self.config
+        return (end >= self.total_steps or self.stop() is not None
+                or bool(c.checkpoint_every and end % c.checkpoint_every == 0)
+                or time.monotonic() - self._state_at >= c.commit_seconds)
+
+    def _offer(self, state: Any) -> Commit:
+        commit = Commit(self.step, state, self.consecutive_skips)
+        self.keeper.offer(commit, local=getattr(self.group, "commit_is_local", True))
+        self._state_at = time.monotonic()
+        self.observer.on_commit(commit)
+        return commit
+
+    def _commit_now(self) -> None:
+        """A commit at the current step, if the newest is older (a chunk of 0 steps)."""
+        if self.commit.step != self.step:
+            res = self.placement.chunk(self.group, self.step, 0, self.consecutive_skips,
+                                       self._deadline(1), want_state=True)
+            self._offer(res.state)
+
     def _run_one_chunk(self) -> None:
-        step = self.commit.step
+        step = self.step
         k = self._chunk_size(step)
         t0 = time.time()
         if self.stats.first_step_start is None:
             self.stats.first_step_start = t0
-        res = self.placement.chunk(self.group, step, k, self.commit.consecutive_skips,
-                                   self._deadline(k))
+        res = self.placement.chunk(self.group, step, k, self.consecutive_skips,
+                                   self._deadline(k), want_state=self._want_state(step + k))
         stats = res.stats
         self.stats.last_step_end = time.time()
         n = len(stats["step"])
@@ -325,15 +368,14 @@ class Coordinator:
             self._step_estimate = float(np.median(stats["step_seconds"]))
         self.stats.samples += int(stats["samples"].sum())
         self.stats.skipped += int(stats["skipped"].sum())
-        self.stats.losses.append(stats["loss"].copy())
-        commit = Commit(step + n, res.state, res.consecutive_skips)
-        self.keeper.offer(commit, local=getattr(self.group, "commit_is_local", True))
+        self.step, self.consecutive_skips = step + n, res.consecutive_skips
         self.observer.on_chunk(stats, res.memory, self.group.size)
-        self.observer.on_commit(commit)
+        if res.state is not None:
+            self._offer(res.state)
         skipped = np.flatnonzero(stats["skipped"])
         if skipped.size:  # the policy's verdict on the chunk's first skip, then its last step
             why = self.policy.failure(1, True, int(stats["step"][skipped[0]])) or \
-                self.policy.failure(commit.consecutive_skips, True, int(stats["step"][-1]))
+                self.policy.failure(self.consecutive_skips, True, int(stats["step"][-1]))
             if why is not None:
                 raise TrainingFailed(why)
 

@@ -33,6 +33,7 @@ class Faults:
     pause_at: dict[int, list[int]] = field(default_factory=dict)
     perturb_at: dict[int, list[int]] = field(default_factory=dict)  # nudge one replica
     dir: str | None = None
+    slow_ms: float = 0.0  # every step of every rank takes at least this long (a long run)
 
     KINDS = ("nan_at", "hang_at", "exit_at", "pause_at", "perturb_at")
 
@@ -40,7 +41,7 @@ class Faults:
     def parse(cls, raw: str) -> Faults:
         d = json.loads(raw)
         conv = {k: {int(s): list(r) for s, r in d.get(k, {}).items()} for k in cls.KINDS}
-        return cls(**conv, dir=d.get("dir"))
+        return cls(**conv, dir=d.get("dir"), slow_ms=float(d.get("slow_ms", 0.0)))
 
     def hits(self, kind: str, step: int, rank: int) -> bool:
         if rank not in getattr(self, kind).get(step, ()):
@@ -57,6 +58,8 @@ class Faults:
 
     def fire(self, step: int, worker: Worker) -> None:
         rank = worker.rank
+        if self.slow_ms:
+            time.sleep(self.slow_ms / 1000)
         if self.hits("nan_at", step, rank):
             worker.model.grads[0] = float("nan")
         if self.hits("perturb_at", step, rank):

@@ -56,10 +56,10 @@ class WorkerGroup(Protocol):
     size: int
 
     def start(self) -> None: ...
-    def run_chunk(self, start: int, k: int, consecutive_skips: int,
-                  deadline: float) -> tuple[list[dict], Any]:
-        """Per-rank results of steps [start, start+k), and the state after them (a dict
-        of arrays or a handle `Commit.resolved` can fetch)."""
+    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
+                  want_state: bool = True) -> tuple[list[dict], Any]:
+        """Per-rank results of steps [start, start+k), and — if `want_state` — the state
+        after them (a dict of arrays or a handle `Commit.resolved` can fetch), else None."""
         ...
     def grad_step(self, step: int, params: np.ndarray | None,
                   deadline: float) -> dict[str, Any]: ...
@@ -80,11 +80,11 @@ class LocalGroup:
     def start(self) -> None:
         self.worker = self.spec.build_worker(0, 1, self.x, self.y)
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int,
-                  deadline: float) -> tuple[list[dict], Any]:
+    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
+                  want_state: bool = True) -> tuple[list[dict], Any]:
         res = self.worker.run_chunk(start, k, consecutive_skips)
         res["checksum"] = self.worker.checksum()
-        return [res], self.worker.state()
+        return [res], (self.worker.state() if want_state else None)
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
         return self.worker.reduced_gradient(step, params)
@@ -146,13 +146,14 @@ class _ActorBody:
         self.worker.set_comm(comm)
         return comm.size
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int) -> tuple[dict, dict | None]:
+    def run_chunk(self, start: int, k: int, consecutive_skips: int,
+                  want_state: bool) -> tuple[dict, dict | None]:
         """(statistics, rank 0's state). Called with num_returns=2: the state becomes its
         own object, owned by the coordinator, and is serialized without a copy here
         first (the actor does nothing else until the return value is stored)."""
         res = self.worker.run_chunk(start, k, consecutive_skips)
         res["checksum"] = self.worker.checksum()
-        return res, self.worker.commit_state()
+        return res, (self.worker.commit_state() if want_state else None)
 
     def grad_step(self, step: int, params) -> dict:
         return self.worker.reduced_gradient(step, params)
@@ -283,9 +284,10 @@ class RayGroup:
         node = getattr(self.pids[0], "node_id", None) if self.pids else None
         return node is not None and node == ray.get_runtime_context().get_node_id()
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int,
-                  deadline: float) -> tuple[list[dict], Any]:
-        pairs = [a.run_chunk.options(num_returns=2).remote(start, k, consecutive_skips)
+    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
+                  want_state: bool = True) -> tuple[list[dict], Any]:
+        pairs = [a.run_chunk.options(num_returns=2).remote(start, k, consecutive_skips,
+                                                            want_state)
                  for a in self.actors]
         results = self._gather([p[0] for p in pairs], deadline,
                                f"finish steps {start}..{start + k - 1}")

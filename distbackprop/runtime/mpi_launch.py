@@ -30,20 +30,20 @@ class MpiRootGroup:
     def __init__(self, worker: Worker, comm):
         self.worker, self.comm = worker, comm
         self.size = comm.size
-        self._cmd = np.zeros(4, np.int64)
+        self._cmd = np.zeros(5, np.int64)
 
-    def _send(self, cmd: int, a: int = 0, b: int = 0, c: int = 0) -> None:
-        self._cmd[:] = (cmd, a, b, c)
+    def _send(self, cmd: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> None:
+        self._cmd[:] = (cmd, a, b, c, d)
         self.comm.bcast_(self._cmd, root=0)
 
     def start(self) -> None:
         pass
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int,
-                  deadline: float) -> tuple[list[dict], dict]:
-        self._send(CMD_CHUNK, start, k, consecutive_skips)
+    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
+                  want_state: bool = True) -> tuple[list[dict], dict | None]:
+        self._send(CMD_CHUNK, start, k, consecutive_skips, int(want_state))
         res = self.worker.run_chunk(start, k, consecutive_skips)
-        state = self.worker.state()
+        state = self.worker.state() if want_state else None
         table = _gather_table(self.worker, self.comm)
         out = [res]
         res["checksum"] = (table[0, 0], table[0, 1])
@@ -85,15 +85,16 @@ def _gather_table(worker: Worker, comm) -> np.ndarray:
 
 def follow(worker: Worker, comm) -> None:
     """Non-root ranks: execute rank 0's broadcast commands until CMD_STOP."""
-    cmd = np.zeros(4, np.int64)
+    cmd = np.zeros(5, np.int64)
     while True:
         comm.bcast_(cmd, root=0)
-        op, a, b, c = (int(v) for v in cmd)
+        op, a, b, c, d = (int(v) for v in cmd)
         if op == CMD_STOP:
             return
         if op == CMD_CHUNK:
             worker.run_chunk(a, b, c)
-            worker.commit_state()  # collective when the update is sharded
+            if d:
+                worker.commit_state()  # collective when the update is sharded
             _gather_table(worker, comm)
         elif op == CMD_GRAD:
             if b:

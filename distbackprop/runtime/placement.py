@@ -37,7 +37,7 @@ class ReplicasDiverged(RuntimeError):
 class Placement(Protocol):
     def restore(self, group: WorkerGroup, step: int, state: Any) -> None: ...
     def chunk(self, group: WorkerGroup, start: int, k: int, consecutive: int,
-              deadline: float) -> ChunkResult: ...
+              deadline: float, want_state: bool = True) -> ChunkResult: ...
 
 
 class Replicated:
@@ -48,8 +48,8 @@ class Replicated:
             group.load_state(state)
 
     def chunk(self, group: WorkerGroup, start: int, k: int, consecutive: int,
-              deadline: float) -> ChunkResult:
-        results, state = group.run_chunk(start, k, consecutive, deadline)
+              deadline: float, want_state: bool = True) -> ChunkResult:
+        results, state = group.run_chunk(start, k, consecutive, deadline, want_state)
         check_replicas(results)
         first = results[0]
         return ChunkResult(first["stats"], {r["rank"]: r["memory"] for r in results}, state,
@@ -71,11 +71,11 @@ class OnCoordinator:
         self.rule.load_state_(state)
 
     def chunk(self, group: WorkerGroup, start: int, k: int, consecutive: int,
-              deadline: float) -> ChunkResult:
+              deadline: float, want_state: bool = True) -> ChunkResult:
         source = _GroupGradient(group, self.master, deadline)
         consecutive = run_steps_(source, self.rule, self.master, start, k,
                                  self.steps_per_epoch, self.stats, self.policy, consecutive)
-        state = {"params": self.master.copy(), **self.rule.state()}
+        state = {"params": self.master.copy(), **self.rule.state()} if want_state else None
         return ChunkResult(self.stats.as_dict(), source.memory, state, consecutive)
 
 

@@ -294,6 +294,11 @@ class RunObserver:
         self.progress.write(f"worker failure: {why}; restarting the group from step "
                             f"{resume_step}")
 
+    def on_rewind(self, step: int) -> None:
+        """A recovery resumes at `step`: the rows of later steps will be recorded again."""
+        self.history.truncate(step)
+        self.memory.truncate(step)
+
     def checkpoint(self, commit: Commit) -> Path:
         spe = self.prep.steps_per_epoch
         c = self.cfg
@@ -351,10 +356,11 @@ def _summary(prep: PreparedRun, model, coordinator: Coordinator, obs: RunObserve
     train_seconds = max((st.last_step_end or 0) - (st.first_step_start or 0), 1e-9)
     seen = obs.workers_seen or [prep.config.world_size]
     out: dict[str, Any] = {
-        "train_loss": summarize_losses(st.losses, prep.steps_per_epoch),
+        "train_loss": summarize_losses([obs.history.to_table().column("loss").to_numpy()],
+                                       prep.steps_per_epoch),
         "val_loss": None,
-        "steps": coordinator.commit.step,
-        "epochs": coordinator.commit.step / prep.steps_per_epoch,
+        "steps": coordinator.step,
+        "epochs": coordinator.step / prep.steps_per_epoch,
         "samples_per_second": st.samples / train_seconds,
         "startup_seconds": (st.first_step_start or time.time()) - started,
         "wall_seconds": time.time() - started,

@@ -21,8 +21,10 @@ from tests.multinode.conftest import REPO, train, train_command
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+# --commit-seconds 0: the state is committed with every chunk (the default amortises it over
+# 10 s), so the restart must resume exactly from the last chunk before the kill.
 ARGS = ("--workers", "2", "--placement", "spread", "--dtype", "float64", "--max-steps", "40",
-        "--chunk-steps", "4", "--hidden", "16", "--seed", "5")
+        "--chunk-steps", "4", "--hidden", "16", "--seed", "5", "--commit-seconds", "0")
 PAUSE_STEP = 17
 
 
@@ -82,7 +84,7 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
     c = restore_nodes
     c.kill_node("n3")  # two 1-CPU nodes: room for exactly MAX = 2
     c.wait_node_dead("n3")
-    args = ("--dtype", "float64", "--max-steps", "400", "--chunk-steps", "4", "--hidden",
+    args = ("--dtype", "float64", "--max-steps", "30000", "--chunk-steps", "50", "--hidden",
             "16", "--seed", "5")
     ref = train(c, tmp_path / "ref", "--workers", "2", *args)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -90,15 +92,16 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
     faults.mkdir()
     cmd, env = train_command(c, tmp_path / "run", "--workers", "1:2", "--rendezvous-timeout",
                              "60", *args, env={"DISTBACKPROP_TEST_FAULTS": json.dumps(
-                                 {"pause_at": {"17": [1]}, "dir": str(faults)})})
+                                 # 2 ms a step keeps the run going while the node returns
+                                 {"pause_at": {"117": [1]}, "slow_ms": 2, "dir": str(faults)})})
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        pidfile = faults / "pause-17-1.pid"
+        pidfile = faults / "pause-117-1.pid"
         deadline = time.monotonic() + 120
         while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert pidfile.exists(), "rank 1 never reached step 17"
+        assert pidfile.exists(), "rank 1 never reached step 117"
         node = c.node_of_pid(int(pidfile.read_text()))
         c.kill_node(node)
         c.wait_node_dead(node)
@@ -111,7 +114,7 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 400
+    assert summary["steps"] == 30000
     assert summary["min_workers_seen"] == 1 and summary["workers"] == 2
     assert summary["resizes"] >= 2
     import pyarrow.parquet as pq

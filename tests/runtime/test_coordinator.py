@@ -37,10 +37,11 @@ class FakeGroup:
     def load_state(self, state) -> None:
         self.value = state["params"].copy()
 
-    def run_chunk(self, start: int, k: int, consecutive: int, deadline: float):
+    def run_chunk(self, start: int, k: int, consecutive: int, deadline: float,
+                  want_state: bool = True):
         if self.value is None:
             self.value = np.zeros(1)
-        stats = StepStats(k, LAYERS)
+        stats = StepStats(max(k, 1), LAYERS)
         for step in range(start, start + k):
             for kind, reason in (("die_at", "death"), ("hang_at", "hang")):
                 if step in self.script.get(kind, set()):
@@ -62,7 +63,8 @@ class FakeGroup:
             crcs[-1] = (2.0, 1.0)
         results = [{"rank": r, "stats": stats.as_dict(), "memory": {}, "checksum": crcs[r],
                     "consecutive_skips": consecutive} for r in range(self.size)]
-        return results, {"params": self.value.copy()}
+        self.log.append(("chunk", start, k, want_state))
+        return results, ({"params": self.value.copy()} if want_state else None)
 
     def grad_step(self, *a):  # pragma: no cover - replicated placement only
         raise AssertionError
@@ -86,11 +88,15 @@ class Recorder:
         self.restarts.append((reason, resume_step))
         self.states.append(self.ref[0].state)
 
+    def on_rewind(self, step):
+        self.rewinds = getattr(self, "rewinds", []) + [step]
+
 
 def _run(script: dict, total: int = 20, stop=None, **cfg):
     log: list = []
     ref: list = []
     rec = Recorder(ref)
+    cfg.setdefault("commit_seconds", 0)  # a commit every chunk, unless a test says otherwise
     config = TrainConfig(chunk_steps=4, max_failures=cfg.pop("max_failures", 3), **cfg)
     c = Coordinator(config, lambda size: FakeGroup(script, size, log), Replicated(), total,
                     Commit(0, {"params": np.zeros(1)}), rec, stop=stop)
@@ -105,7 +111,7 @@ def test_finishes_in_chunks():
     assert final.step == 20 and final.resolved()["params"][0] == 20
     assert [s for s, _, _ in rec.chunks] == [0, 4, 8, 12, 16]
     assert all(s is State.RUNNING for s in rec.states)
-    assert log == [("start", 2), ("shutdown", True)]
+    assert [e for e in log if e[0] != "chunk"] == [("start", 2), ("shutdown", True)]
 
 
 @pytest.mark.parametrize("kind,reason", [("die_at", "death"), ("hang_at", "hang")])
@@ -168,3 +174,30 @@ def test_abort_on_the_first_nonfinite_step():
     c, _, _ = _run({"nan_at": {5}}, on_nonfinite="abort")
     with pytest.raises(TrainingFailed, match="non-finite gradient at step 5"):
         c.run()
+
+
+def test_sparse_commits_rewind_to_the_last_one_and_the_history_with_it():
+    # the state travels only with the first chunk after start-up (--commit-seconds is long)
+    # and the last one; a death at step 9 rewinds to step 0, replays, and loses nothing
+    c, rec, log = _run({"die_at": {9}}, commit_seconds=3600)
+    final = c.run()
+    assert final.step == 20 and final.resolved()["params"][0] == 20
+    shipped = [(start + k) for e, start, k, want in (x for x in log if x[0] == "chunk") if want]
+    assert shipped == [20]  # only the final chunk carried the state
+    assert rec.restarts == [("death", 0)] and rec.rewinds == [0]
+
+
+def test_a_stop_between_sparse_commits_commits_the_current_step():
+    t = []
+    c, rec, log = _run({}, stop=lambda: t[0] if t else None, commit_seconds=3600)
+    orig = rec.on_chunk
+
+    def on_chunk(stats, memory, workers):
+        orig(stats, memory, workers)
+        if int(stats["step"][-1]) == 11:
+            t.append(time.monotonic())
+    rec.on_chunk = on_chunk
+    final = c.run()
+    assert c.state is State.STOPPED
+    assert final.step == 12 and final.resolved()["params"][0] == 12
+    assert ("chunk", 12, 0, True) in log  # a 0-step chunk fetched the state at step 12

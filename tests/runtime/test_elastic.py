@@ -70,7 +70,7 @@ def test_coordinator_shrinks_after_a_loss_and_grows_back():
     ref: list = []
     rec = Recorder(ref)
     script = {"die_at": {9}}
-    c = Coordinator(TrainConfig(chunk_steps=4, workers="1:2"),
+    c = Coordinator(TrainConfig(chunk_steps=4, workers="1:2", commit_seconds=0),
                     lambda size: FakeGroup(script, size, log), Replicated(), 24,
                     Commit(0, {"params": np.zeros(1)}), rec, sizer=sizer)
     ref.append(c)
@@ -87,7 +87,7 @@ def test_below_min_for_too_long_fails_naming_the_commit():
     sizer = ElasticSize(2, 2, lambda: next(capacity), 5.0, clock=clock, sleep=clock.sleep)
     ref: list = []
     rec = Recorder(ref)
-    c = Coordinator(TrainConfig(chunk_steps=4, workers="2:2"),
+    c = Coordinator(TrainConfig(chunk_steps=4, workers="2:2", commit_seconds=0),
                     lambda size: FakeGroup({"die_at": {9}}, size, []), Replicated(), 24,
                     Commit(0, {"params": np.zeros(1)}), rec, sizer=sizer)
     ref.append(c)
