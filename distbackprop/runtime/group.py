@@ -291,7 +291,7 @@ class RayGroup:
                  for a in self.actors]
         results = self._gather([p[0] for p in pairs], deadline,
                                f"finish steps {start}..{start + k - 1}")
-        return results, pairs[0][1]
+        return results, (pairs[0][1] if want_state else None)
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
         import ray
