@@ -79,14 +79,15 @@ def test_losing_a_node_costs_a_restart_not_the_run(restore_nodes, tmp_path, rank
 
 def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
     """`--workers 1:2` on n1+n2 (n3 held back): lose a node → 1 worker; the node returns →
-    2 workers again. The global batch is fixed, so the result equals a fixed 2-worker run
+    2 workers again. The global batch is fixed, so the result equals the one-process run
     up to float summation order."""
     c = restore_nodes
     c.kill_node("n3")  # two 1-CPU nodes: room for exactly MAX = 2
     c.wait_node_dead("n3")
-    args = ("--dtype", "float64", "--max-steps", "30000", "--chunk-steps", "50", "--hidden",
+    args = ("--dtype", "float64", "--max-steps", "20000", "--chunk-steps", "50", "--hidden",
             "16", "--seed", "5")
-    ref = train(c, tmp_path / "ref", "--workers", "2", *args)
+    # the one-process result: what any fixed worker count computes, up to summation order
+    ref = train(None, tmp_path / "ref", "--local", *args)
     assert ref.returncode == 0, ref.stderr[-3000:]
     faults = tmp_path / "faults"
     faults.mkdir()
@@ -114,7 +115,7 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 30000
+    assert summary["steps"] == 20000
     assert summary["min_workers_seen"] == 1 and summary["workers"] == 2
     assert summary["resizes"] >= 2
     import pyarrow.parquet as pq
