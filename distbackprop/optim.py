@@ -10,6 +10,7 @@ layer, so update ratios cost no extra sweep.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -273,3 +274,125 @@ class Schedule:
             span = max(self.total - self.warmup, 1)
             return self.base * 0.5 * (1.0 + math.cos(math.pi * min(s, span) / span))
         return self.base * self.gamma ** (s // self.step_size)
+
+
+def _shard_segments(segments: list[slice], lo: int, hi: int) -> tuple[list[int], list[slice]]:
+    """Segments clipped to the shard [lo, hi): (their indexes, their slices relative to lo)."""
+    idx, local = [], []
+    for i, seg in enumerate(segments):
+        a, b = max(seg.start, lo), min(seg.stop, hi)
+        if a < b:
+            idx.append(i)
+            local.append(slice(a - lo, b - lo))
+    return idx, local
+
+
+class UpdateRule:
+    """optimizer + lr schedule + global-norm clipping + weight decay, and the one definition of the
+    checkpoint layout of its state ("opt/<name>" keys).
+
+    The rule owns the contiguous shard [lo, hi) of the flat buffers (all of them by default);
+    its state arrays have hi − lo elements. `update_sq[i]` and `param_sq[i]` are this shard's
+    share of ‖Δθ‖² and ‖θ‖² over segment i (0 for segments outside the shard), so a sharded
+    caller SUM-allreduces them and calls `UpdateRule.ratios`.
+    """
+
+    STATE_PREFIX = "opt/"
+
+    def __init__(self, optimizer: str, n_params: int, dtype, segments: list[slice],
+                 schedule: Schedule, clip_norm: float | None = None, momentum: float = 0.9,
+                 weight_decay: float = 0.0, threads: int = 1,
+                 shard: tuple[int, int] | None = None):
+        lo, hi = (0, n_params) if shard is None else (int(shard[0]), int(shard[1]))
+        if not 0 <= lo <= hi <= n_params:
+            raise ValueError(f"shard: [{lo}, {hi}) is not inside [0, {n_params})")
+        self.n_params, self.shard, self.size = n_params, (lo, hi), hi - lo
+        self.dtype = np.dtype(dtype)
+        self.segments = list(segments) if segments else [slice(0, n_params)]
+        self.schedule, self.clip_norm = schedule, clip_norm
+        self._seg_idx, local = _shard_segments(self.segments, lo, hi)
+        self.optimizer = make_optimizer(optimizer, self.size, self.dtype, momentum=momentum,
+                                        weight_decay=weight_decay,
+                                        segments=local or [slice(0, self.size)], threads=threads)
+        self.update_sq = np.zeros(len(self.segments))
+        self.param_sq = np.zeros(len(self.segments))
+
+    @classmethod
+    def from_config(cls, config: Any, n_params: int, dtype, segments: list[slice],
+                    total_steps: int, shard: tuple[int, int] | None = None) -> UpdateRule:
+        """The rule of a training config (attributes optimizer, lr, momentum, weight_decay,
+        clip_norm, lr_schedule, warmup_steps, lr_step_size, lr_gamma, cpus_per_worker)."""
+        schedule = Schedule(config.lr_schedule, config.lr, total_steps, config.warmup_steps,
+                            config.lr_step_size, config.lr_gamma)
+        return cls(config.optimizer, n_params, dtype, segments, schedule,
+                   clip_norm=config.clip_norm, momentum=config.momentum,
+                   weight_decay=config.weight_decay, threads=config.cpus_per_worker,
+                   shard=shard)
+
+    def lr(self, step: int) -> float:
+        """The learning rate of global step `step` (0-based)."""
+        return self.schedule(step)
+
+    def _local(self, a: np.ndarray, what: str) -> np.ndarray:
+        """The shard of a flat buffer: the full buffer (n_params) or the shard itself."""
+        lo, hi = self.shard
+        if a.shape == (self.n_params,):
+            return a[lo:hi]
+        if a.shape == (self.size,):
+            return a
+        raise ValueError(f"{what}: shape {a.shape}, expected ({self.n_params},) or ({self.size},)")
+
+    def step_(self, params: np.ndarray, grads: np.ndarray, step: int, gnorm: float) -> float:
+        """One update in place: g ← g·min(1, clip_norm/gnorm), θ ← optimizer(θ, g, lr(step)).
+
+        `params`, `grads`: shape (n_params,) (the shard [lo, hi) is used) or (hi − lo,);
+        `gnorm` is the global ‖g‖₂ already computed by the caller. `grads` is scaled in place
+        when clipped. Returns lr.
+        """
+        lr = self.lr(step)
+        g = self._local(grads, "grads")
+        clip_grad_norm_(g, self.clip_norm, norm=gnorm)
+        self.optimizer.step_(self._local(params, "params"), g, lr)
+        self.update_sq.fill(0.0)
+        self.param_sq.fill(0.0)
+        self.update_sq[self._seg_idx] = self.optimizer.update_sq[: len(self._seg_idx)]
+        self.param_sq[self._seg_idx] = self.optimizer.param_sq[: len(self._seg_idx)]
+        return lr
+
+    @staticmethod
+    def ratios(update_sq: np.ndarray, param_sq: np.ndarray) -> np.ndarray:
+        """‖Δθ‖/‖θ‖ per segment from (allreduced) sums of squares; 0 where ‖θ‖ = 0."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.sqrt(update_sq) / np.sqrt(param_sq)
+        return np.nan_to_num(r, nan=0.0, posinf=0.0)
+
+    def update_ratios(self) -> np.ndarray:
+        """Per segment ‖Δθ‖/‖θ‖ of the last `step_` (this shard's share only, if sharded)."""
+        return self.ratios(self.update_sq, self.param_sq)
+
+    def state_views(self) -> dict[str, np.ndarray]:
+        """{"opt/<name>": array}: the live state arrays, no copy (for zero-copy commits)."""
+        return {self.STATE_PREFIX + k: v for k, v in self.optimizer.state.items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """{"opt/<name>": copy}: what a commit or checkpoint stores."""
+        return {k: v.copy() for k, v in self.state_views().items()}
+
+    def load_state_(self, state: Mapping[str, np.ndarray]) -> None:
+        """Copy the "opt/<name>" arrays of `state` (other keys are ignored) into this rule's.
+        A missing key or a wrong shape raises ValueError naming the key."""
+        views = self.state_views()
+        for k, v in views.items():
+            if k not in state:
+                raise ValueError(f"optimizer state {k!r} missing")
+            if np.shape(state[k]) != v.shape:
+                raise ValueError(f"optimizer state {k!r}: shape {np.shape(state[k])}, "
+                                 f"expected {v.shape}")
+        for k, v in views.items():
+            v[...] = state[k]
+
+    def state_bytes(self) -> int:
+        return self.optimizer.state_bytes()
+
+    def close(self) -> None:
+        self.optimizer.close()
