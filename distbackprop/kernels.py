@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 
 import numpy as np
 
@@ -37,6 +38,16 @@ BLOCK = 1 << 14  # elements per block (64 KiB of float32): a block's arrays stay
 # kept as it rounds once instead of twice; `nsz`, `arcp`, `afn` changed nothing measurable and
 # are left out. Never `nnan`/`ninf`: NaN and ±inf must reach θ and the sums.
 FASTMATH = frozenset({"reassoc", "contract"})
+# numba's "workqueue" threads block on a condition variable between kernels; libgomp's (the
+# "omp" layer numba picks when libgomp is installed) spin after each kernel, and in the
+# reference step that slowed the GEMM that followed the update from ~16 to ~25 ms. workqueue
+# also needs no system library, so the image and a dev machine run the same layer. It is not
+# safe for launches from two threads at once: `LAUNCH_LOCK` serialises them.
+# NUMBA_THREADING_LAYER in the environment still wins.
+THREADING_LAYER = "workqueue"
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = THREADING_LAYER
+LAUNCH_LOCK = threading.Lock()
 
 
 def _writable(path: str) -> bool:
@@ -225,23 +236,27 @@ def warm(dtypes: tuple = (np.float32, np.float64),
     """Compile (or load from numba's cache) `kernels` for `dtypes`, on tiny arrays: for a
     writable and a read-only gradient (one received through Ray's object store is read-only,
     and numba types it apart), so that no step ever compiles."""
-    for dt in dtypes:
-        dt = np.dtype(dt)
-        p, m, v = (np.zeros(4, dt) for _ in range(3))
-        g_ro = np.zeros(4, dt)
-        g_ro.flags.writeable = False
-        starts, stops, segs, nseg = block_table([slice(0, 4)], 4)
-        blk = np.zeros((2, starts.size))
-        out = np.zeros((2, nseg))
-        one, zero = dt.type(1.0), dt.type(0.0)
-        for g in (np.zeros(4, dt), g_ro):
-            if "sgd" in kernels:
-                sgd_(p, g, starts, stops, segs, blk, out, one, zero, zero)
-            if "momentum" in kernels:
-                momentum_(p, g, m, starts, stops, segs, blk, out, one, zero, zero, zero, True)
-            if "adam" in kernels:
-                adam_(p, g, m, v, starts, stops, segs, blk, out, one, zero, zero, zero, zero,
-                      zero, one, zero, zero, True)
+    with LAUNCH_LOCK:
+        for dt in dtypes:
+            _warm_one(np.dtype(dt), kernels)
+
+
+def _warm_one(dt: np.dtype, kernels: tuple[str, ...]) -> None:
+    p, m, v = (np.zeros(4, dt) for _ in range(3))
+    g_ro = np.zeros(4, dt)
+    g_ro.flags.writeable = False
+    starts, stops, segs, nseg = block_table([slice(0, 4)], 4)
+    blk = np.zeros((2, starts.size))
+    out = np.zeros((2, nseg))
+    one, zero = dt.type(1.0), dt.type(0.0)
+    for g in (np.zeros(4, dt), g_ro):
+        if "sgd" in kernels:
+            sgd_(p, g, starts, stops, segs, blk, out, one, zero, zero)
+        if "momentum" in kernels:
+            momentum_(p, g, m, starts, stops, segs, blk, out, one, zero, zero, zero, True)
+        if "adam" in kernels:
+            adam_(p, g, m, v, starts, stops, segs, blk, out, one, zero, zero, zero, zero,
+                  zero, one, zero, zero, True)
 
 
 if __name__ == "__main__":  # `python -m distbackprop.kernels`: warm the cache (image build)

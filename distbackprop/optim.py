@@ -35,7 +35,8 @@ def blas_env(cpus: int) -> dict[str, str]:
     """
     n = str(max(1, int(cpus)))
     return {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n,
-            "NUMBA_NUM_THREADS": n, "OPENBLAS_THREAD_TIMEOUT": str(BLAS_THREAD_TIMEOUT)}
+            "NUMBA_NUM_THREADS": n, "NUMBA_THREADING_LAYER": "workqueue",
+            "OPENBLAS_THREAD_TIMEOUT": str(BLAS_THREAD_TIMEOUT)}
 
 
 def clip_scale(max_norm: float | None, norm: float) -> float:
@@ -124,9 +125,10 @@ class Optimizer:
         self._check(params, "params")
         self._check(grads, "grads")
         self.state["t"][0] += 1
-        self._k.set_threads(self.threads)
         t = self.dtype.type
-        self._kernel_(params, grads, t(lr), t(scale), lr)
+        with self._k.LAUNCH_LOCK:
+            self._k.set_threads(self.threads)
+            self._kernel_(params, grads, t(lr), t(scale), lr)
 
     def nonfinite_update(self) -> bool:
         """True if the last step's Δθ or θ had a NaN/±inf (from the sums: no extra pass)."""

@@ -214,3 +214,33 @@ def test_cache_dir_falls_back_to_a_writable_temp_dir(monkeypatch, tmp_path) -> N
     monkeypatch.setattr(kernels, "_writable", lambda path: True)
     monkeypatch.setattr(kernels.numba.config, "CACHE_DIR", "")
     assert kernels._ensure_cache_dir() is None  # numba's own choice works: leave it
+
+
+def test_steps_from_two_threads_at_once_are_serialised() -> None:
+    """numba's workqueue layer aborts on concurrent launches: the launch lock prevents it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = 4 * kernels.BLOCK
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal(n).astype(np.float32)
+
+    def run(_: int) -> np.ndarray:
+        opt = make_optimizer("adam", n, np.float32, threads=2)
+        p = np.ones(n, np.float32)
+        for _ in range(20):
+            opt.step_(p, g, 1e-3)
+        return p
+
+    with ThreadPoolExecutor(2) as ex:
+        a, b = ex.map(run, range(2))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, run(0))
+
+
+def test_blas_env() -> None:
+    from distbackprop.optim import blas_env
+    env = blas_env(3)
+    assert env["OPENBLAS_NUM_THREADS"] == env["NUMBA_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "3"
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert env["NUMBA_THREADING_LAYER"] == "workqueue"
+    assert blas_env(0)["OPENBLAS_NUM_THREADS"] == "1"
