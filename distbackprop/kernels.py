@@ -64,15 +64,15 @@ def _ensure_cache_dir() -> str | None:
 
     numba tries $NUMBA_CACHE_DIR, then __pycache__ beside this file, then its user-wide
     cache (~/.cache/numba); with none writable, `cache=True` raises at decoration. In
-    that case (read-only install and home) use a per-user directory under the temp dir.
-    Returns the directory set, or None if numba's own choice works.
+    that case (read-only install and home, e.g. an image run under another uid) use a
+    per-user directory under the temp dir. Returns the directory set, or None if one of
+    numba's own choices works.
     """
-    if numba.config.CACHE_DIR:
-        return None
-    if _writable(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")):
-        return None
     from numba.misc.appdirs import AppDirs
-    if _writable(AppDirs(appname="numba", appauthor=False).user_cache_dir):
+    candidates = [numba.config.CACHE_DIR,
+                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__"),
+                  AppDirs(appname="numba", appauthor=False).user_cache_dir]
+    if any(c and _writable(c) for c in candidates):
         return None
     path = os.path.join(tempfile.gettempdir(), f"distbackprop-numba-{os.getuid()}")
     if not _writable(path):

@@ -211,6 +211,9 @@ def test_cache_dir_falls_back_to_a_writable_temp_dir(monkeypatch, tmp_path) -> N
     chosen = kernels._ensure_cache_dir()
     assert chosen is not None and chosen.startswith(str(tmp_path))
     assert kernels.numba.config.CACHE_DIR == chosen
+    monkeypatch.setattr(kernels.numba.config, "CACHE_DIR", "/read-only/numba")
+    chosen = kernels._ensure_cache_dir()  # a NUMBA_CACHE_DIR that cannot be written: same
+    assert chosen is not None and chosen.startswith(str(tmp_path))
     monkeypatch.setattr(kernels, "_writable", lambda path: True)
     monkeypatch.setattr(kernels.numba.config, "CACHE_DIR", "")
     assert kernels._ensure_cache_dir() is None  # numba's own choice works: leave it
