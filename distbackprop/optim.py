@@ -156,7 +156,7 @@ class SGD(Optimizer):
     def _kernel_(self, p, g, lr_t, scale_t, lr):
         t = self.dtype.type
         self._k.sgd_(p, g, self._starts, self._stops, self._segs, self._blk, self._out,
-                     scale_t, lr_t, t(lr * self.weight_decay))
+                     t(0.0), scale_t, lr_t, t(lr * self.weight_decay))
 
 
 class Momentum(Optimizer):
@@ -173,7 +173,7 @@ class Momentum(Optimizer):
     def _kernel_(self, p, g, lr_t, scale_t, lr):
         t = self.dtype.type
         self._k.momentum_(p, g, self.state["velocity"], self._starts, self._stops, self._segs,
-                          self._blk, self._out, scale_t, lr_t, t(self.momentum),
+                          self._blk, self._out, t(0.0), scale_t, lr_t, t(self.momentum),
                           t(self.weight_decay), self.nesterov)
 
 
@@ -206,9 +206,9 @@ class Adam(Optimizer):
         c2 = math.sqrt(1.0 - b2**self.t)
         t = self.dtype.type
         self._k.adam_(p, g, self.state["m"], self.state["v"], self._starts, self._stops,
-                      self._segs, self._blk, self._out, scale_t, t(b1), t(b2), t(1.0 - b1),
-                      t(1.0 - b2), t(self.weight_decay), t(self.eps * c2), t(lr * c2 / c1),
-                      t(lr * self.weight_decay), self.decoupled)
+                      self._segs, self._blk, self._out, t(0.0), scale_t, t(b1), t(b2),
+                      t(1.0 - b1), t(1.0 - b2), t(self.weight_decay), t(self.eps * c2),
+                      t(lr * c2 / c1), t(lr * self.weight_decay), self.decoupled)
 
 
 class AdamW(Adam):
