@@ -57,6 +57,14 @@ def clip_grad_norm_(grads: np.ndarray, max_norm: float | None, norm: float | Non
     return norm
 
 
+def _zeros_touched(n: int, dtype) -> np.ndarray:
+    """Zeros whose pages are already mapped: np.zeros maps them lazily, which would put
+    the page faults of the whole optimizer state into the first step."""
+    a = np.empty(n, dtype)
+    a.fill(0)
+    return a
+
+
 def _kernels():
     from . import kernels  # raises a clear ImportError if numba is missing
     return kernels
@@ -168,7 +176,7 @@ class Momentum(Optimizer):
 
     def __init__(self, size, dtype=np.float32, **kw):
         super().__init__(size, dtype, **kw)
-        self.state["velocity"] = np.zeros(size, dtype=self.dtype)
+        self.state["velocity"] = _zeros_touched(size, self.dtype)
 
     def _kernel_(self, p, g, lr_t, scale_t, lr):
         t = self.dtype.type
@@ -197,8 +205,8 @@ class Adam(Optimizer):
 
     def __init__(self, size, dtype=np.float32, **kw):
         super().__init__(size, dtype, **kw)
-        self.state["m"] = np.zeros(size, dtype=self.dtype)
-        self.state["v"] = np.zeros(size, dtype=self.dtype)
+        self.state["m"] = _zeros_touched(size, self.dtype)
+        self.state["v"] = _zeros_touched(size, self.dtype)
 
     def _kernel_(self, p, g, lr_t, scale_t, lr):
         b1, b2 = self.betas
