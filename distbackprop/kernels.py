@@ -37,12 +37,15 @@ except ImportError as exc:  # a dependency: missing means a broken install, not 
                       "it is a dependency of distbackprop, so the install is incomplete") from exc
 
 BLOCK = 1 << 14  # elements per block (64 KiB of float32): a block's arrays stay in L2
-# LLVM fast-math flags of every kernel, chosen by measurement (reference Adam, 1.86 M float32,
-# one thread, CPU time): `reassoc` lets LLVM vectorise the Σ Δθ² and Σ θ² reductions, and
-# with them the whole loop (9.2 → 2.8 ms); `contract` (FMA) was within noise (2.6 ms) and is
-# kept as it rounds once instead of twice; `nsz`, `arcp`, `afn` changed nothing measurable and
-# are left out. Never `nnan`/`ninf`: NaN and ±inf must reach θ and the sums.
-FASTMATH = frozenset({"reassoc", "contract"})
+# LLVM fast-math flags, chosen by measurement (reference Adam, 1.86 M float32, one thread,
+# CPU time). Only the Σ Δθ² and Σ θ² accumulations (`_sq_acc`) get `reassoc`: it lets LLVM
+# vectorise those reductions, and with them the whole loop (9.2 → 2.8 ms); without it the
+# loop stays scalar. The elementwise update has NO fast-math flag: `contract` (FMA) was within
+# noise (2.6 vs 2.8 ms), `nsz`, `arcp`, `afn` changed nothing measurable, and strict IEEE
+# arithmetic makes θ and the state bit-identical to the NumPy update and the same on every
+# CPU (with FMA, a replica on a CPU without it, or a different instruction choice, could
+# round differently). Never `nnan`/`ninf`: NaN and ±inf must reach θ and the sums.
+FASTMATH = frozenset({"reassoc"})  # on the reductions only
 # numba's "workqueue" threads block on a condition variable between kernels; libgomp's (the
 # "omp" layer numba picks when libgomp is installed) spin after each kernel, and in the
 # reference step that slowed the GEMM that followed the update from ~16 to ~25 ms. workqueue
@@ -90,7 +93,7 @@ CACHE_DIR_FALLBACK = _ensure_cache_dir()
 
 # error_model="numpy": x/0 gives inf/NaN instead of raising ZeroDivisionError; the check
 # that raising needs is a branch per element that stops LLVM from vectorising the loop.
-_OPTS = dict(fastmath=set(FASTMATH), error_model="numpy", cache=True, nogil=True)
+_OPTS = dict(error_model="numpy", cache=True, nogil=True)
 
 
 def block_table(segments: list[slice], n: int, block: int = BLOCK
@@ -123,6 +126,13 @@ def block_table(segments: list[slice], n: int, block: int = BLOCK
             len(segments) + 1)
 
 
+@njit(fastmath=set(FASTMATH), **_OPTS)
+def _sq_acc(acc, x):
+    # acc + x²; `reassoc` (on these two instructions only, once inlined) lets the
+    # accumulation be split across vector lanes: a fixed order for a given block.
+    return acc + x * x
+
+
 @njit(**_OPTS)
 def _sum_blocks(segs, blk, out):
     # serial, in block order: the sums do not depend on how blocks were dealt to threads
@@ -143,8 +153,8 @@ def _sgd_block(p, g, zero, scale, lr, lr_wd):
         d = (g[i] * scale) * lr + lr_wd * pi
         pn = pi - d
         p[i] = pn
-        du += d * d
-        dp += pn * pn
+        du = _sq_acc(du, d)
+        dp = _sq_acc(dp, pn)
     return du, dp
 
 
@@ -174,8 +184,8 @@ def _momentum_block(p, g, vel, zero, scale, lr, mu, wd, nesterov):
             d = vi * lr
         pn = pi - d
         p[i] = pn
-        du += d * d
-        dp += pn * pn
+        du = _sq_acc(du, d)
+        dp = _sq_acc(dp, pn)
     return du, dp
 
 
@@ -210,8 +220,8 @@ def _adam_block(p, g, m, v, zero, scale, b1, b2, omb1, omb2, wd, eps_c2, step_si
             d = d + pi * lr_wd
         pn = pi - d
         p[i] = pn
-        du += d * d
-        dp += pn * pn
+        du = _sq_acc(du, d)
+        dp = _sq_acc(dp, pn)
     return du, dp
 
 

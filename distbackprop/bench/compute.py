@@ -161,5 +161,5 @@ def run(quick: bool = False) -> list[dict]:
         {"measure": "configuration",
          "reference": f"blas {blas}, OPENBLAS_THREAD_TIMEOUT={timeout}; update: numba "
                       f"{numba.__version__} {numba.threading_layer()} ×{rule.threads}, "
-                      f"fastmath {{{','.join(sorted(FASTMATH))}}}"},
+                      f"fastmath {{{','.join(sorted(FASTMATH))}}} on the Σ only"},
     ]
