@@ -38,10 +38,11 @@ except ImportError as exc:  # a dependency: missing means a broken install, not 
 
 BLOCK = 1 << 14  # elements per block (64 KiB of float32): a block's arrays stay in L2
 # LLVM fast-math flags, chosen by measurement (reference Adam, 1.86 M float32, one thread,
-# CPU time). Only the Σ Δθ² and Σ θ² accumulations (`_sq_acc`) get `reassoc`: it lets LLVM
-# vectorise those reductions, and with them the whole loop (9.2 → 2.8 ms); without it the
-# loop stays scalar. The elementwise update has NO fast-math flag: `contract` (FMA) was within
-# noise (2.6 vs 2.8 ms), `nsz`, `arcp`, `afn` changed nothing measurable, and strict IEEE
+# CPU time, medians of 60-200 interleaved calls). Only the Σ Δθ² and Σ θ² accumulations
+# (`_sq_acc`) get `reassoc`: it lets LLVM vectorise those reductions, and with them the whole
+# loop (9.2 → 2.8 ms); without it the loop stays scalar. The elementwise update has NO
+# fast-math flag: `contract` (FMA) measured 2.45 vs 2.49 ms (noise), `nsz`, `arcp`, `afn`
+# changed nothing measurable (2.59, 2.56 vs 2.61 ms), and strict IEEE
 # arithmetic makes θ and the state bit-identical to the NumPy update and the same on every
 # CPU (with FMA, a replica on a CPU without it, or a different instruction choice, could
 # round differently). Never `nnan`/`ninf`: NaN and ±inf must reach θ and the sums.
