@@ -44,6 +44,10 @@ ENV PATH=/opt/distbackprop/bin:${PATH} \
 # Numeric, so that runtimes enforcing "run as non-root" can verify it.
 USER 10001:10001
 WORKDIR /home/distbackprop
+# Compile the numba update kernels now, as the runtime user, into its cache
+# (~/.cache/numba, writable: the install tree is root-owned), so a run loads them
+# instead of compiling (on a CPU unlike the build host's, numba recompiles once).
+RUN python -m distbackprop.kernels
 # The coordinator's Prometheus endpoint (--metrics-port, --metrics-host).
 EXPOSE 9400
 # Healthy while the coordinator serves /metrics (train's default --metrics-port).

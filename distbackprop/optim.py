@@ -1,10 +1,14 @@
-"""Optimizers, schedules and global-norm clipping, in place on flat arrays.
+"""Optimizers, schedules, global-norm clipping, and `UpdateRule`, in place on flat arrays.
 
-Every optimizer keeps its state as flat arrays in `state` (checkpointable as
-they are) and updates `params` in place (`step_`). The update runs over
-blocks of the flat buffer, dealt to `threads` threads (NumPy releases the GIL
-inside ufuncs), and each block also yields its share of ‖Δθ‖² and ‖θ‖² per
-layer, so update ratios cost no extra sweep.
+Every optimizer keeps its state as flat arrays in `state` (checkpointable as they are)
+and updates `params` in place (`step_`) in ONE pass over memory: a fused numba kernel
+(`distbackprop.kernels`) that also folds in the clipping scale, weight decay, the lr,
+Adam's bias corrections and the per-layer sums ‖Δθ‖² and ‖θ‖² (update ratios). numba
+is a dependency; there is no NumPy fallback: without numba, building an optimizer
+raises ImportError saying so (rather than silently running a 3× slower update).
+
+`UpdateRule` is what the runtime uses: optimizer + schedule + clipping, the "opt/<name>"
+checkpoint layout of its state, and a contiguous shard [lo, hi) of the flat buffers.
 """
 
 from __future__ import annotations
@@ -16,52 +20,93 @@ from typing import Any
 import numpy as np
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-_BLOCK = 1 << 19  # elements per block; measured fastest here among 2^15..2^19 (1 and 2 threads)
+# OpenBLAS threads spin for 2^THREAD_TIMEOUT cycles after each call before sleeping; the
+# default (2^28, ~0.1 s) keeps both cores busy through the update that follows a backward.
+# Measured in the reference step: see `blas_env`.
+BLAS_THREAD_TIMEOUT = 4
+
+
+def blas_env(cpus: int) -> dict[str, str]:
+    """Environment for a process that trains with `cpus` cores: set it before NumPy loads
+    (the CLI at start-up, each Ray actor through runtime_env={"env_vars": …}).
+
+    BLAS and the update kernels get `cpus` threads each (they never run at the same time);
+    OpenBLAS threads go to sleep right after a call instead of spinning through the update.
+    """
+    n = str(max(1, int(cpus)))
+    return {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+            "NUMBA_NUM_THREADS": n, "NUMBA_THREADING_LAYER": "workqueue",
+            "OPENBLAS_THREAD_TIMEOUT": str(BLAS_THREAD_TIMEOUT)}
+
+
+def clip_scale(max_norm: float | None, norm: float) -> float:
+    """The clipping factor min(1, max_norm/‖g‖) (as max_norm/(‖g‖ + 1e-12)); 1 if no clip
+    or ‖g‖ is not finite (the caller skips such a step)."""
+    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+        return max_norm / (norm + 1e-12)
+    return 1.0
 
 
 def clip_grad_norm_(grads: np.ndarray, max_norm: float | None, norm: float | None = None) -> float:
     """Scale `grads` in place: g ← g · min(1, max_norm/‖g‖₂). Returns the pre-clip ‖g‖₂."""
     if norm is None:
         norm = math.sqrt(float(np.dot(grads, grads)))
-    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
-        grads *= max_norm / (norm + 1e-12)
+    scale = clip_scale(max_norm, norm)
+    if scale != 1.0:
+        grads *= scale
     return norm
 
 
+def _zeros_touched(n: int, dtype) -> np.ndarray:
+    """Zeros whose pages are already mapped: np.zeros maps them lazily, which would put
+    the page faults of the whole optimizer state into the first step."""
+    a = np.empty(n, dtype)
+    a.fill(0)
+    return a
+
+
+def _kernels():
+    from . import kernels  # raises a clear ImportError if numba is missing
+    return kernels
+
+
 class Optimizer:
-    """Base: `step_(params, grads, lr)` updates `params` in place; `state` holds flat arrays."""
+    """Base: `step_(params, grads, lr, scale)` updates `params` in place in one fused pass;
+    `state` holds flat arrays.
+
+    params, grads: (size,) C-contiguous arrays of `dtype`; `grads` is only read.
+    Afterwards `update_sq[i]` = ‖Δθ‖² and `param_sq[i]` = ‖θ‖² (θ after the update) for
+    segment i. Elements are dealt to threads in fixed blocks, and per-block sums are added
+    in block order, so results are bit-identical whatever `threads` is.
+    """
 
     name = "base"
+    kernel = ""  # the name of its kernel in distbackprop.kernels
 
     def __init__(self, size: int, dtype=np.float32, momentum: float = 0.9,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, segments: list[slice] | None = None, threads: int = 1):
+        k = _kernels()
+        self._k = k
         self.size = size
-        # Per-segment (per-layer) ‖Δθ‖² and ‖θ‖², accumulated block by block while
-        # the block is in cache: the update ratio costs no extra pass over memory.
         self.segments = list(segments) if segments else [slice(0, size)]
-        self.update_sq = np.zeros(len(self.segments))
-        self.param_sq = np.zeros(len(self.segments))
         self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype: {self.dtype} is not float32 or float64")
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.betas = betas
         self.eps = eps
         self.state: dict[str, np.ndarray] = {"t": np.zeros(1, dtype=np.int64)}
-        # Blocks never straddle a segment, so per-segment sums stay exact; they are
-        # dealt round-robin to `threads` threads (NumPy releases the GIL in ufuncs),
-        # each with its own scratch. The arithmetic per element is the same whatever
-        # the thread count, so results do not depend on it.
-        self._blocks = [(i, lo, min(lo + _BLOCK, seg.stop))
-                        for i, seg in enumerate(self.segments)
-                        for lo in range(seg.start, seg.stop, _BLOCK)]
-        self.threads = max(1, min(int(threads), len(self._blocks) or 1))
-        n = min(size, _BLOCK) or 1
-        self._scratch = [(np.empty(n, self.dtype), np.empty(n, self.dtype))
-                         for _ in range(self.threads)]
-        self._pool = None
-        self._usq = np.zeros((self.threads, len(self.segments)))
-        self._psq = np.zeros((self.threads, len(self.segments)))
+        self._starts, self._stops, self._segs, nseg = k.block_table(self.segments, size)
+        self._blk = np.zeros((2, self._starts.size))
+        self._out = np.zeros((2, nseg))  # last column: elements outside every segment
+        nreal = len(self.segments)
+        self.update_sq = self._out[0, :nreal]
+        self.param_sq = self._out[1, :nreal]
+        self.threads = max(1, int(threads))
+        # Compile, or load from numba's cache, now: never inside a timed step.
+        k.warm((self.dtype,), (self.kernel,))
 
     @property
     def t(self) -> int:
@@ -77,47 +122,28 @@ class Optimizer:
                 raise ValueError(f"optimizer state {k!r} missing or of the wrong shape")
             v[...] = state[k]
 
-    def step_(self, params: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        """One update of `params` in place (`grads` is only read).
+    def _check(self, a: np.ndarray, what: str) -> None:
+        # A different dtype or layout would make numba compile a new specialisation in the step.
+        if a.dtype != self.dtype or a.shape != (self.size,) or not a.flags.c_contiguous:
+            raise ValueError(f"{what}: need a C-contiguous ({self.size},) {self.dtype} array, "
+                             f"got {a.shape} {a.dtype}")
 
-        Afterwards `update_sq[i]` = ‖Δθ‖² and `param_sq[i]` = ‖θ‖² (after the
-        update) for segment i, so ‖Δθ‖/‖θ‖ per layer is free.
-        """
+    def step_(self, params: np.ndarray, grads: np.ndarray, lr: float, scale: float = 1.0) -> None:
+        """One update of `params` in place with gradient scale·g (`grads` is only read)."""
+        self._check(params, "params")
+        self._check(grads, "grads")
         self.state["t"][0] += 1
-        self._prepare_step()
-        self._usq.fill(0.0)
-        self._psq.fill(0.0)
-        if self.threads == 1:
-            self._run_blocks(0, params, grads, lr)
-        else:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-                self._pool = ThreadPoolExecutor(self.threads - 1,
-                                                thread_name_prefix="distbackprop-optim")
-            futures = [self._pool.submit(self._run_blocks, t, params, grads, lr)
-                       for t in range(1, self.threads)]
-            self._run_blocks(0, params, grads, lr)
-            for f in futures:
-                f.result()
-        np.sum(self._usq, axis=0, out=self.update_sq)
-        np.sum(self._psq, axis=0, out=self.param_sq)
+        t = self.dtype.type
+        with self._k.LAUNCH_LOCK:
+            self._k.set_threads(self.threads)
+            self._kernel_(params, grads, t(lr), t(scale), lr)
 
-    def _run_blocks(self, t: int, params: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        tmp_full, tmp2_full = self._scratch[t]
-        usq, psq = self._usq[t], self._psq[t]
-        for i, lo, hi in self._blocks[t::self.threads]:
-            p, tmp, tmp2 = params[lo:hi], tmp_full[: hi - lo], tmp2_full[: hi - lo]
-            self._block_(p, grads[lo:hi], lr, lo, hi, tmp, tmp2)  # leaves −Δθ in tmp
-            usq[i] += float(np.dot(tmp, tmp))
-            psq[i] += float(np.dot(p, p))
-
-    def _prepare_step(self) -> None:
-        """Per-step scalars (e.g. Adam's bias corrections), before the blocks run."""
+    def nonfinite_update(self) -> bool:
+        """True if the last step's Δθ or θ had a NaN/±inf (from the sums: no extra pass)."""
+        return not bool(np.isfinite(self._out).all())
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        """Nothing to release (kept for callers of the earlier thread-pool version)."""
 
     def update_ratios(self) -> np.ndarray:
         """‖Δθ‖/‖θ‖ per segment for the last step (0 where ‖θ‖ = 0)."""
@@ -125,8 +151,7 @@ class Optimizer:
             r = np.sqrt(self.update_sq) / np.sqrt(self.param_sq)
         return np.nan_to_num(r, nan=0.0, posinf=0.0)
 
-    def _block_(self, p, g, lr, lo, hi, tmp, tmp2) -> None:  # pragma: no cover - interface
-        """Update block p in place and leave the subtracted amount (−Δθ) in tmp."""
+    def _kernel_(self, p, g, lr_t, scale_t, lr: float) -> None:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -134,102 +159,64 @@ class SGD(Optimizer):
     """θ ← θ − lr (g + λθ)."""
 
     name = "sgd"
+    kernel = "sgd"
 
-    def _block_(self, p, g, lr, lo, hi, tmp, tmp2):
-        np.multiply(g, lr, out=tmp)
-        if self.weight_decay:
-            tmp += (lr * self.weight_decay) * p
-        p -= tmp
+    def _kernel_(self, p, g, lr_t, scale_t, lr):
+        t = self.dtype.type
+        self._k.sgd_(p, g, self._starts, self._stops, self._segs, self._blk, self._out,
+                     t(0.0), scale_t, lr_t, t(lr * self.weight_decay))
 
 
 class Momentum(Optimizer):
     """v ← μv + (g + λθ); θ ← θ − lr·v (heavy ball, PyTorch's form)."""
 
     name = "momentum"
+    kernel = "momentum"
+    nesterov = False
 
     def __init__(self, size, dtype=np.float32, **kw):
         super().__init__(size, dtype, **kw)
-        self.state["velocity"] = np.zeros(size, dtype=self.dtype)
+        self.state["velocity"] = _zeros_touched(size, self.dtype)
 
-    def _g(self, p, g, tmp):
-        if self.weight_decay:
-            np.multiply(p, self.weight_decay, out=tmp)
-            tmp += g
-            return tmp
-        return g
-
-    def _block_(self, p, g, lr, lo, hi, tmp, tmp2):
-        v = self.state["velocity"][lo:hi]
-        v *= self.momentum
-        v += self._g(p, g, tmp)
-        np.multiply(v, lr, out=tmp)
-        p -= tmp
+    def _kernel_(self, p, g, lr_t, scale_t, lr):
+        t = self.dtype.type
+        self._k.momentum_(p, g, self.state["velocity"], self._starts, self._stops, self._segs,
+                          self._blk, self._out, t(0.0), scale_t, lr_t, t(self.momentum),
+                          t(self.weight_decay), self.nesterov)
 
 
 class Nesterov(Momentum):
     """v ← μv + g'; θ ← θ − lr (g' + μv), g' = g + λθ (Sutskever/PyTorch Nesterov)."""
 
     name = "nesterov"
-
-    def _block_(self, p, g, lr, lo, hi, tmp, tmp2):
-        v = self.state["velocity"][lo:hi]
-        gg = self._g(p, g, tmp)
-        v *= self.momentum
-        v += gg
-        # tmp may alias gg: tmp ← lr (gg + μ v)
-        np.add(gg, self.momentum * v, out=tmp)
-        tmp *= lr
-        p -= tmp
+    nesterov = True
 
 
 class Adam(Optimizer):
     """m ← β₁m + (1−β₁)g'; v ← β₂v + (1−β₂)g'²; θ ← θ − lr · m̂ / (√v̂ + ε).
 
-    m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ); g' = g + λθ (L2 weight decay, as in Adam).
+    m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ); g' = g + λθ (L2 weight decay, as in Adam). Computed as
+    θ ← θ − (lr·c₂/c₁) · m / (√v + ε·c₂), c₁ = 1−β₁ᵗ, c₂ = √(1−β₂ᵗ) (the same quantity).
     """
 
     name = "adam"
+    kernel = "adam"
     decoupled = False
 
     def __init__(self, size, dtype=np.float32, **kw):
         super().__init__(size, dtype, **kw)
-        self.state["m"] = np.zeros(size, dtype=self.dtype)
-        self.state["v"] = np.zeros(size, dtype=self.dtype)
+        self.state["m"] = _zeros_touched(size, self.dtype)
+        self.state["v"] = _zeros_touched(size, self.dtype)
 
-    def _prepare_step(self):
-        t = self.t
+    def _kernel_(self, p, g, lr_t, scale_t, lr):
         b1, b2 = self.betas
-        self._c1 = 1.0 - b1**t
-        self._c2 = math.sqrt(1.0 - b2**t)
-
-    def _block_(self, p, g, lr, lo, hi, tmp, tmp2):
-        b1, b2 = self.betas
-        m = self.state["m"][lo:hi]
-        v = self.state["v"][lo:hi]
-        t2 = tmp2
-        if self.weight_decay and self.decoupled:
-            # AdamW: θ ← θ − lr·λ·θ outside the moments; folded into tmp below so that
-            # tmp holds the whole step (decay uses θ before this step's Adam term).
-            np.multiply(p, lr * self.weight_decay, out=t2)
-        elif self.weight_decay:
-            np.multiply(p, self.weight_decay, out=t2)
-            t2 += g
-            g = t2
-        m *= b1
-        np.multiply(g, 1.0 - b1, out=tmp)
-        m += tmp
-        np.multiply(g, g, out=tmp)
-        v *= b2
-        tmp *= 1.0 - b2
-        v += tmp
-        # lr·m̂/(√v̂+ε) = (lr·c2/c1) · m / (√v + ε·c2), c1 = 1−β₁ᵗ, c2 = √(1−β₂ᵗ): one pass fewer
-        np.sqrt(v, out=tmp)
-        tmp += self.eps * self._c2
-        np.divide(m, tmp, out=tmp)
-        tmp *= lr * self._c2 / self._c1
-        if self.weight_decay and self.decoupled:
-            tmp += t2
-        p -= tmp
+        c1 = 1.0 - b1**self.t
+        c2 = math.sqrt(1.0 - b2**self.t)
+        t = self.dtype.type
+        self._k.adam_(p, g, self.state["m"], self.state["v"], self._starts, self._stops,
+                      self._segs, self._blk, self._out, t(0.0), scale_t, t(b1), t(b2),
+                      t(1.0 - b1), t(1.0 - b2), t(self.weight_decay), t(self.eps * c2),
+                      t(lr * c2 / c1), t(lr * self.weight_decay), self.decoupled)
 
 
 class AdamW(Adam):
@@ -243,11 +230,12 @@ _CLASSES: dict[str, type[Optimizer]] = {c.name: c for c in (SGD, Momentum, Neste
 
 
 def make_optimizer(name: str, size: int, dtype=np.float32, **kw: Any) -> Optimizer:
-    """Optimizer by name; kwargs: momentum, weight_decay, betas, eps."""
+    """Optimizer by name; kwargs: momentum, weight_decay, betas, eps, segments, threads."""
     try:
-        return _CLASSES[name](size, dtype, **kw)
+        cls = _CLASSES[name]
     except KeyError:
         raise ValueError(f"optimizer: {name!r} is not one of {', '.join(OPTIMIZERS)}") from None
+    return cls(size, dtype, **kw)
 
 
 class Schedule:
@@ -311,9 +299,14 @@ class UpdateRule:
         self.segments = list(segments) if segments else [slice(0, n_params)]
         self.schedule, self.clip_norm = schedule, clip_norm
         self._seg_idx, local = _shard_segments(self.segments, lo, hi)
+        # Segments outside the shard contribute nothing; shard elements in no segment are
+        # still updated (the kernel's extra slot).
         self.optimizer = make_optimizer(optimizer, self.size, self.dtype, momentum=momentum,
-                                        weight_decay=weight_decay,
-                                        segments=local or [slice(0, self.size)], threads=threads)
+                                        weight_decay=weight_decay, segments=local,
+                                        threads=threads)
+        self.threads = self.optimizer.threads
+        from .kernels import set_threads
+        set_threads(self.threads)  # numba's count is per calling thread; step_ sets it again
         self.update_sq = np.zeros(len(self.segments))
         self.param_sq = np.zeros(len(self.segments))
 
@@ -343,21 +336,23 @@ class UpdateRule:
         raise ValueError(f"{what}: shape {a.shape}, expected ({self.n_params},) or ({self.size},)")
 
     def step_(self, params: np.ndarray, grads: np.ndarray, step: int, gnorm: float) -> float:
-        """One update in place: g ← g·min(1, clip_norm/gnorm), θ ← optimizer(θ, g, lr(step)).
+        """One update in place: θ ← optimizer(θ, s·g, lr(step)), s = min(1, clip_norm/gnorm).
 
-        `params`, `grads`: shape (n_params,) (the shard [lo, hi) is used) or (hi − lo,);
-        `gnorm` is the global ‖g‖₂ already computed by the caller. `grads` is scaled in place
-        when clipped. Returns lr.
+        `params`, `grads`: shape (n_params,) (the shard [lo, hi) is used) or (hi − lo,),
+        C-contiguous, of the rule's dtype; `gnorm` is the global ‖g‖₂ already computed by
+        the caller. The clip is a scale inside the fused pass: `grads` is only read, never
+        modified. Returns lr. A caller that skips a non-finite step simply does not call this.
         """
         lr = self.lr(step)
-        g = self._local(grads, "grads")
-        clip_grad_norm_(g, self.clip_norm, norm=gnorm)
-        self.optimizer.step_(self._local(params, "params"), g, lr)
-        self.update_sq.fill(0.0)
-        self.param_sq.fill(0.0)
+        self.optimizer.step_(self._local(params, "params"), self._local(grads, "grads"), lr,
+                             clip_scale(self.clip_norm, gnorm))
         self.update_sq[self._seg_idx] = self.optimizer.update_sq[: len(self._seg_idx)]
         self.param_sq[self._seg_idx] = self.optimizer.param_sq[: len(self._seg_idx)]
         return lr
+
+    def nonfinite_update(self) -> bool:
+        """True if the last step produced a NaN/±inf in Δθ or θ (from the fused sums, free)."""
+        return self.optimizer.nonfinite_update()
 
     @staticmethod
     def ratios(update_sq: np.ndarray, param_sq: np.ndarray) -> np.ndarray:
