@@ -160,6 +160,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _thread_env(args: argparse.Namespace) -> None:
+    """BLAS and update-kernel threads for this process, set before NumPy loads (a value the
+    user exported wins). Ray workers get theirs from the runtime env of their actor."""
+    import os
+
+    from .threads import blas_env
+    cpus = getattr(args, "cpus_per_worker", None) or 1
+    try:
+        cpus = int(cpus)
+    except (TypeError, ValueError):
+        return  # build_config reports the bad value
+    for k, v in blas_env(cpus).items():
+        os.environ.setdefault(k, v)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM outside training (where the trainer's graceful stop is not installed)."""
 
@@ -178,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
         signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
+    if args.command == "train":
+        _thread_env(args)
     try:
         return _dispatch(args, started)
     except ConfigError as exc:

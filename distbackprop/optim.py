@@ -19,24 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from .threads import BLAS_THREAD_TIMEOUT, blas_env  # noqa: F401 - re-exported
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-# OpenBLAS threads spin for 2^THREAD_TIMEOUT cycles after each call before sleeping; the
-# default (2^28, ~0.1 s) keeps both cores busy through the update that follows a backward.
-# Measured in the reference step: see `blas_env`.
-BLAS_THREAD_TIMEOUT = 4
-
-
-def blas_env(cpus: int) -> dict[str, str]:
-    """Environment for a process that trains with `cpus` cores: set it before NumPy loads
-    (the CLI at start-up, each Ray actor through runtime_env={"env_vars": …}).
-
-    BLAS and the update kernels get `cpus` threads each (they never run at the same time);
-    OpenBLAS threads go to sleep right after a call instead of spinning through the update.
-    """
-    n = str(max(1, int(cpus)))
-    return {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n,
-            "NUMBA_NUM_THREADS": n, "NUMBA_THREADING_LAYER": "workqueue",
-            "OPENBLAS_THREAD_TIMEOUT": str(BLAS_THREAD_TIMEOUT)}
 
 
 def clip_scale(max_norm: float | None, norm: float) -> float:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..threads import blas_env
 from .faults import worker_class
 from .worker import ReplicaSpec, Worker
 
@@ -193,8 +194,7 @@ class RayGroup:
                 f"could not place {self.size} workers × {cpus} CPU within "
                 f"{self.rendezvous_timeout:.0f} s (cluster resources: "
                 f"{ray.cluster_resources().get('CPU', 0):.0f} CPU)", list(range(self.size)))
-        env = {k: str(cpus) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                      "MKL_NUM_THREADS")}
+        env = blas_env(cpus)  # before NumPy loads in the actor
         actor_cls = ray.remote(_ActorBody)
         self.actors = [
             actor_cls.options(
