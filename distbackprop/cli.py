@@ -28,7 +28,10 @@ _HELP = {
     "task": "classification|regression (default: inferred from the target's type)",
     "streaming": "stream row groups instead of memory-mapping the data",
     "on_bad_rows": "error|drop rows with NaN/inf",
-    "hidden": "hidden layer widths, e.g. 128,64",
+    "model": "mlp|rnn (rnn: tanh Elman RNN over a sequence column of T steps x F features)",
+    "hidden": "hidden layer widths, e.g. 128,64 (--model rnn: the state size H)",
+    "bptt_truncate": "rnn: truncate backpropagation through time to K-step chunks",
+    "sequence_target": "rnn: last|every - loss on the last step's readout or on every step's",
     "activation": "relu|leaky_relu|sigmoid|tanh|gelu|softplus|identity|hardtanh, or the "
                   "straight-through sign|round",
     "quantize_bits": "with --activation round: quantize to 2^K levels in [-1, 1]",
@@ -138,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcheck", help="finite-difference check of every parameter "
                        "(float64)")
     _add_config_flags(g, only=("hidden", "activation", "quantize_bits", "init", "loss", "data",
-                               "target", "seed", "task", "features"))
+                               "target", "seed", "task", "features", "model", "bptt_truncate",
+                               "sequence_target"))
     g.add_argument("--rows", type=int, default=8, help="examples in the check batch")
     g.add_argument("--tol", type=float, default=1e-6, help="relative error tolerance")
 

@@ -277,7 +277,8 @@ def load_streaming(options: DataOptions, src: Source, plan: ColumnPlan, path: st
         classes=classes, feature_names=list(plan.feature_names),
         target_names=list(plan.target_names), mean=mean, std=std, source=path,
         feature_widths=list(plan.feature_widths), dtype=dtype.name, n_train=scan.n_train,
-        dropped_rows=scan.dropped, notes=list(plan.notes), warnings=warnings, stream=stream)
+        dropped_rows=scan.dropped, notes=list(plan.notes), warnings=warnings, stream=stream,
+        sequence=plan.sequence)
 
 
 def assign_pieces(pieces: tuple[Piece, ...], shares: list[int], seed: int) -> list[list[int]]:
