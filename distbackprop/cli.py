@@ -299,12 +299,15 @@ def _gradcheck(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data import load_training_data
-    from .nn import LOSSES, MLP, gradcheck
+    from .nn import LOSSES, gradcheck
     from .nn.layers import STRAIGHT_THROUGH
+    from .runtime.models import build_model, data_problems
     from .runtime.trainer import output_size
     values = {k: getattr(args, k) for k in TrainConfig.field_names() if k in vars(args)}
     cfg = TrainConfig.from_dict({**values, "dtype": "float64", "val_fraction": 0.0}).validate()
     bundle = load_training_data(cfg)
+    if data_problems(cfg, bundle):
+        raise ConfigError(data_problems(cfg, bundle))
     rows = max(1, min(args.rows, bundle.x_train.shape[0]))
     x = np.ascontiguousarray(bundle.x_train[:rows], dtype=np.float64)
     y = bundle.y_train[:rows]
@@ -318,9 +321,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
     print(f"{'loss':<14} {'parameter':<12} {'shape':<12} {'rel. error':>11}")
     for loss in losses:
         n_out = output_size(loss, bundle.task, bundle.n_outputs)
-        model = MLP([x.shape[1], *cfg.hidden, n_out], activation=cfg.activation,
-                    dtype=np.float64, seed=cfg.seed, init=cfg.resolved_init,
-                    quantize_bits=cfg.quantize_bits)
+        model = build_model(cfg, x.shape[1], n_out, bundle.sequence)  # cfg is float64
         res = gradcheck(model, x, y, loss)
         for name, err in res.per_param.items():
             shape = "×".join(map(str, model.buffer.shapes[name]))
