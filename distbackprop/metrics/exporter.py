@@ -175,16 +175,7 @@ class MetricsExporter:
                                        "Per-layer gradient norm above which a layer explodes",
                                        registry=r)
 
-        # --model rnn: ‖∂L/∂h_t‖ folded into a few time buckets (labels like "t1-25"), and
-        # the first bucket over the last: ≪ 1 when the gradient vanishes back through time.
-        self.time_grad_norm = Gauge("distbackprop_time_grad_norm",
-                                    "RMS over the bucket's time steps t of ||dL/dh_t|| (RNN), "
-                                    "last step", ["bucket"], registry=r)
-        self.time_grad_ratio = Gauge("distbackprop_time_grad_ratio",
-                                     "First time bucket's gradient norm over the last bucket's "
-                                     "(RNN), last step", registry=r)
-        self._time_grad_norm = [self.time_grad_norm.labels(bucket=b) for b in self.time_buckets]
-
+        self._time_metrics(r)
         # Create every labelled child now so each series exists (at 0) from the
         # first scrape: increase() and alerts need the zero before the first event.
         self._grad_norm = [self.grad_norm.labels(layer=x) for x in self.layers]
@@ -193,6 +184,17 @@ class MetricsExporter:
         self._exploding = [self.exploding.labels(layer=x) for x in self.layers]
         for kind in MODEL_KINDS:
             self.model.labels(kind=kind)
+
+    def _time_metrics(self, r: CollectorRegistry) -> None:
+        """--model rnn: ‖∂L/∂h_t‖ folded into a few time buckets (labels like "t1-25"), and
+        the first bucket over the last: ≪ 1 when the gradient vanishes back through time."""
+        self.time_grad_norm = Gauge("distbackprop_time_grad_norm",
+                                    "RMS over the bucket's time steps t of ||dL/dh_t|| (RNN), "
+                                    "last step", ["bucket"], registry=r)
+        self.time_grad_ratio = Gauge("distbackprop_time_grad_ratio",
+                                     "First time bucket's gradient norm over the last bucket's "
+                                     "(RNN), last step", registry=r)
+        self._time_grad_norm = [self.time_grad_norm.labels(bucket=b) for b in self.time_buckets]
 
     @classmethod
     def from_config(cls, config: Any, layers: Sequence[str],

@@ -219,7 +219,7 @@ class Worker:
         if self._time_sq is not None:
             self._ctrl[2:] = self._time_sq
         self.comm.allreduce_(self._ctrl)
-        self._add_time_norms(h, self._ctrl[2:])
+        self._add_time_norms(h, None if self._time_sq is None else self._ctrl[2:])
         t[4] = time.perf_counter()  # the allreduce phase includes health and the decision
         np.subtract(t[1:], t[:-1], out=self._phases)
         return Gradient(float(self._ctrl[0]), samples, self.model.grads, h,
