@@ -65,8 +65,10 @@ def test_rnn_workers_equal_local(ray_cluster, data, tmp_path, tmp_path_factory, 
     # per-time-step gradient norms: Σ over ranks of Σ_rows ‖∂L/∂h_t‖², then sqrt
     got, want = _time_cols(res), _time_cols(ref)
     assert len(want) == 4 and set(got) == set(want)
+    # (truncated BPTT with a last-step loss leaves the early buckets exactly 0: the graph is
+    # cut before them)
+    assert np.all(list(want.values())[-1] > 0)
     for c in want:
-        assert np.all(want[c] > 0)
         np.testing.assert_allclose(got[c], want[c], rtol=1e-10, err_msg=c)
 
 
