@@ -187,7 +187,13 @@ class MetricsExporter:
 
     def _time_metrics(self, r: CollectorRegistry) -> None:
         """--model rnn: ‖∂L/∂h_t‖ folded into a few time buckets (labels like "t1-25"), and
-        the first bucket over the last: ≪ 1 when the gradient vanishes back through time."""
+        the first bucket over the last: ≪ 1 when the gradient vanishes back through time.
+        Registered only for a model with time steps: an MLP run exports no ratio (a 0 there
+        would read as vanishing to the alert)."""
+        self._time_grad_norm: list = []
+        self.time_grad_norm = self.time_grad_ratio = None
+        if not self.time_buckets:
+            return
         self.time_grad_norm = Gauge("distbackprop_time_grad_norm",
                                     "RMS over the bucket's time steps t of ||dL/dh_t|| (RNN), "
                                     "last step", ["bucket"], registry=r)
@@ -311,7 +317,7 @@ class MetricsExporter:
 
     def _record_time_norms(self, norms: np.ndarray | None) -> None:
         """Gauges of the chunk's last step: per time bucket, and first bucket / last."""
-        if norms is None or not self._time_grad_norm or len(norms) == 0:
+        if norms is None or self.time_grad_ratio is None or len(norms) == 0:
             return
         last = np.asarray(norms, dtype=np.float64)[-1]
         for child, v in zip(self._time_grad_norm, last, strict=True):
