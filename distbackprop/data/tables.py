@@ -340,3 +340,20 @@ def write_parquet(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> No
     import pyarrow.parquet as pq
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp)
+
+
+def write_sequence_parquet(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
+                           feature: str = "x", target: str = "target") -> None:
+    """Sequences as Parquet: ``x (n, T, F)`` → a fixed_size_list<fixed_size_list<float, F>, T>
+    column; ``y (n,)`` → a scalar target, ``y (n, T)`` → fixed_size_list<float, T> (a target
+    per step, ``--sequence-target every``)."""
+    import pyarrow.parquet as pq
+    x = np.ascontiguousarray(x)
+    n, T, F = x.shape
+    cols = {feature: pa.FixedSizeListArray.from_arrays(
+        pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), F), T)}
+    y = np.ascontiguousarray(y)
+    cols[target] = pa.array(y) if y.ndim == 1 else \
+        pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), y.shape[1])
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
