@@ -113,7 +113,7 @@ def main() -> None:
         raise SystemExit(f"FAILED: --bptt-truncate {TRUNCATE} must leave T=10 as is and cut "
                          f"the first bucket to exactly 0 beyond: {cut}")
     g = list(gains.values())
-    if not all(a < b for a, b in zip(g, g[1:])):
+    if not all(a < b for a, b in zip(g[:-1], g[1:], strict=True)):
         raise SystemExit(f"FAILED: ratio does not rise with the recurrent gain: {gains}")
     print("\nvanishing over time: the ratio falls with T, truncation cuts, gain carries it back")
 
