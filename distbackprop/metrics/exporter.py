@@ -107,7 +107,6 @@ class MetricsExporter:
                  host: str = "127.0.0.1", port: int = 9400, enabled: bool = True,
                  time_buckets: Sequence[str] = ()):
         self.layers = [str(x) for x in layers]
-        self.time_buckets = [str(b) for b in time_buckets]
         self.registry = registry if registry is not None else CollectorRegistry()
         self.host = host
         self.port = int(port)
@@ -175,7 +174,7 @@ class MetricsExporter:
                                        "Per-layer gradient norm above which a layer explodes",
                                        registry=r)
 
-        self._time_metrics(r)
+        self._time_metrics(r, time_buckets)
         # Create every labelled child now so each series exists (at 0) from the
         # first scrape: increase() and alerts need the zero before the first event.
         self._grad_norm = [self.grad_norm.labels(layer=x) for x in self.layers]
@@ -185,11 +184,12 @@ class MetricsExporter:
         for kind in MODEL_KINDS:
             self.model.labels(kind=kind)
 
-    def _time_metrics(self, r: CollectorRegistry) -> None:
+    def _time_metrics(self, r: CollectorRegistry, time_buckets: Sequence[str]) -> None:
         """--model rnn: ‖∂L/∂h_t‖ folded into a few time buckets (labels like "t1-25"), and
         the first bucket over the last: ≪ 1 when the gradient vanishes back through time.
         Registered only for a model with time steps: an MLP run exports no ratio (a 0 there
         would read as vanishing to the alert)."""
+        self.time_buckets = [str(b) for b in time_buckets]
         self._time_grad_norm: list = []
         self.time_grad_norm = self.time_grad_ratio = None
         if not self.time_buckets:
