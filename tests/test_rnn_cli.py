@@ -158,3 +158,15 @@ def test_gradcheck_rnn(tmp_path):
                 "--sequence-target", "every", "--loss", "mse", "--rows", "4")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rnn.W_h" in r.stdout and "gradcheck: OK" in r.stdout
+
+
+@pytest.mark.parametrize("target", ["last", "every"])
+def test_streaming_rnn(tmp_path, target):
+    from distbackprop import Trainer
+    path = write_sequences(tmp_path / "s.parquet", n=200, T=6, F=2, target=target)
+    cfg = TrainConfig(data=str(path), model="rnn", hidden=(5,), sequence_target=target,
+                      local=True, streaming=True, max_steps=8, batch_size=16, dtype="float64",
+                      metrics_port=0, quiet=True, out=str(tmp_path / "run"))
+    res = Trainer(cfg).fit()
+    assert res.summary["steps"] == 8 and np.isfinite(res.summary["val_loss"])
+    assert np.all(res.history.column("time_grad_norm/t6-6").to_numpy() > 0)

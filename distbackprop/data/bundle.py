@@ -76,10 +76,11 @@ def training_plan(options: Any) -> tuple[Source, ColumnPlan, str]:
     features = normalize_names(opts.features) or None
     plan = plan_columns(src.schema, source=path, target=opts.target, features=features,
                         task=opts.task, partition_columns=src.partition_columns)
-    if opts.streaming and VARIABLE in plan.feature_widths:
-        raise DataError(f"streaming: a list<list> sequence column in {path} needs its T and F "
-                        "known before reading; store it as fixed_size_list<fixed_size_list<"
-                        "float, F>, T> or train without --streaming")
+    if opts.streaming and (VARIABLE in plan.feature_widths or plan.target_width is None):
+        raise DataError(f"streaming: a list<list> sequence column or list<float> target in "
+                        f"{path} needs its length known before reading; store it as "
+                        "fixed_size_list<fixed_size_list<float, F>, T> (fixed_size_list<float, "
+                        "T>) or train without --streaming")
     return src, plan, path
 
 

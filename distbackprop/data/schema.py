@@ -121,6 +121,9 @@ class ColumnPlan:
     warnings: tuple[str, ...] = field(default=())
     # (T, F) when the one feature column is a sequence (see `sequence_shape`), else None.
     sequence: tuple[int, int] | None = None
+    # values per row of the target: len(target_names), or T for one fixed_size_list<float, T>
+    # target (a target per step); None for a list<float> target until its rows are read
+    target_width: int | None = None
 
     @property
     def n_features(self) -> int:
@@ -138,7 +141,8 @@ class ColumnPlan:
     def feature_label(self, index: int) -> str:
         """Name of feature ``index`` in messages: the column, with ``[k]`` inside a list."""
         for name, width in zip(self.feature_names, self.feature_widths, strict=True):
-            if index < width and self.sequence is not None and self.sequence[1] > 0:
+            # a T×F sequence names step and feature (F = 1: the index is the step)
+            if index < width and self.sequence is not None and self.sequence[1] > 1:
                 step, f = divmod(index, self.sequence[1])  # row-major: x[t·F + f]
                 return f"{name}[step {step}, feature {f}]"
             if index < width:
@@ -199,7 +203,14 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
         sequence = sequence_shape(schema.field(chosen.names[0]).type)
     return ColumnPlan(resolved, tuple(present_targets), tuple(chosen.names),
                       tuple(chosen.widths), tuple(chosen.ignored), tuple(chosen.suspects),
-                      notes, warnings, sequence)
+                      notes, warnings, sequence, _target_width(schema, present_targets))
+
+
+def _target_width(schema: pa.Schema, targets: Sequence[str]) -> int | None:
+    if len(targets) == 1 and is_list_target(schema.field(targets[0]).type):
+        t = schema.field(targets[0]).type
+        return t.list_size if pa.types.is_fixed_size_list(t) else None
+    return len(targets)
 
 
 def _find_targets(names: Sequence[str], targets: Sequence[str], source: str,

@@ -345,7 +345,7 @@ class StreamingBatcher:
         self._dtype = np.dtype(plan.dtype)
         self._buf_x = np.empty((self.capacity, d), dtype=self._dtype)
         y_shape = (() if plan.columns.task == "classification"
-                   else (len(plan.columns.target_names),))
+                   else (plan.columns.target_width or len(plan.columns.target_names),))
         y_dtype = np.int64 if plan.columns.task == "classification" else self._dtype
         self._buf_y = np.empty((self.capacity, *y_shape), dtype=y_dtype)
         self._out_x = np.empty((self.share, d), dtype=self._dtype)

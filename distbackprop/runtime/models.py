@@ -45,9 +45,10 @@ def data_problems(config: TrainConfig, bundle: Any) -> list[str]:
     T = seq[0]
     p: list[str] = []
     if config.sequence_target == "every":
-        y = bundle.y_train
+        # streaming keeps no training rows in memory: judge by the validation rows then
+        y = bundle.y_train if bundle.y_train is not None else bundle.y_val
         width = None if y is None or y.ndim != 2 else y.shape[1]
-        if bundle.task != "regression" or width != T:
+        if bundle.task != "regression" or (y is not None and width != T):
             p.append(f"sequence_target: every needs a per-step regression target column "
                      f"(fixed_size_list<float, {T}> or list<float> of {T} values per row); "
                      f"target {', '.join(bundle.target_names)} is a {bundle.task} target"

@@ -82,6 +82,17 @@ def test_rnn_sharded_update_equals_local(ray_cluster, data, tmp_path, tmp_path_f
         np.testing.assert_allclose(_time_cols(res)[c], want, rtol=1e-10, err_msg=c)
 
 
+@pytest.mark.parametrize("kw", [{"update_on": "coordinator"}, {"overlap": True}])
+def test_rnn_coordinator_update_and_overlap_equal_local(ray_cluster, data, tmp_path,
+                                                        tmp_path_factory, kw):
+    ref = _local(data, tmp_path_factory, "last", None)
+    res = _fit(tmp_path / "run", workers=2, data=data["last"], **kw)
+    rel = np.linalg.norm(res.model.params - ref.model.params) / np.linalg.norm(ref.model.params)
+    assert rel < 1e-10, rel
+    for c, want in _time_cols(ref).items():
+        np.testing.assert_allclose(_time_cols(res)[c], want, rtol=1e-10, err_msg=c)
+
+
 def test_rnn_sigkill_worker_recovers_bit_identical(ray_cluster, data, tmp_path, monkeypatch):
     kw = dict(workers=2, data=data["last"], max_steps=30, chunk_steps=4)
     reference = _fit(tmp_path / "ref", **kw)
