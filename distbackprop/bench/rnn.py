@@ -32,6 +32,19 @@ def _forward_gemms(model: SequenceRNN, x: np.ndarray, ws: dict) -> None:
 
 
 def run(quick: bool = False) -> list[dict]:
+    """One row with the process's BLAS threads, one with 1 (a --cpus-per-worker 1 worker)."""
+    from threadpoolctl import threadpool_info
+
+    from . import with_blas_threads
+    threads = max([i.get("num_threads", 1) for i in threadpool_info()
+                   if i.get("user_api") == "blas"] or [1])
+    rows = [{"blas_threads": threads, **_measure(quick)}]
+    if threads > 1:
+        rows.append({"blas_threads": 1, **with_blas_threads(1, lambda: [_measure(quick)])[0]})
+    return rows
+
+
+def _measure(quick: bool) -> dict:
     rng = np.random.default_rng(0)
     model = SequenceRNN(F, H, C, T, dtype=np.float32, seed=0)
     x = rng.standard_normal((B, T * F)).astype(np.float32)
@@ -62,11 +75,11 @@ def run(quick: bool = False) -> list[dict]:
         parts["gemm"].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in parts.items()}
     flops = 2.0 * (T * B * F * H + T * B * H * H + T * B * H * C)  # forward GEMMs
-    return [{
+    return {
         "bptt_step_ms": med["step"] * 1e3,
         "forward_ms": med["forward"] * 1e3,
         "forward_gemms_ms": med["gemm"] * 1e3,
         "3x_gemms_ms": 3 * med["gemm"] * 1e3,
         "gemm_GFLOP/s": flops / med["gemm"] / 1e9,
         "ratio": med["step"] / (3 * med["gemm"]),
-    }]
+    }
