@@ -265,6 +265,9 @@ class TrainConfig:
                          "--bptt-truncate to bound what BPTT keeps")
             if self.quantize_bits is not None:
                 p.append("quantize_bits: --model rnn has a tanh cell; no quantized activation")
+            if self.sharpness_every:
+                p.append("sharpness_every: Hessian-vector products are implemented for the "
+                         "MLP only, not --model rnn")
         else:
             if self.bptt_truncate is not None:
                 p.append("bptt_truncate: only meaningful with --model rnn")
