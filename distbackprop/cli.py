@@ -28,7 +28,10 @@ _HELP = {
     "task": "classification|regression (default: inferred from the target's type)",
     "streaming": "stream row groups instead of memory-mapping the data",
     "on_bad_rows": "error|drop rows with NaN/inf",
-    "hidden": "hidden layer widths, e.g. 128,64",
+    "model": "mlp|rnn (rnn: tanh Elman RNN over a sequence column of T steps x F features)",
+    "hidden": "hidden layer widths, e.g. 128,64 (--model rnn: the state size H)",
+    "bptt_truncate": "rnn: truncate backpropagation through time to K-step chunks",
+    "sequence_target": "rnn: last|every - loss on the last step's readout or on every step's",
     "activation": "relu|leaky_relu|sigmoid|tanh|gelu|softplus|identity|hardtanh, or the "
                   "straight-through sign|round",
     "quantize_bits": "with --activation round: quantize to 2^K levels in [-1, 1]",
@@ -140,14 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcheck", help="finite-difference check of every parameter "
                        "(float64)")
     _add_config_flags(g, only=("hidden", "activation", "quantize_bits", "init", "loss", "data",
-                               "target", "seed", "task", "features"))
+                               "target", "seed", "task", "features", "model", "bptt_truncate",
+                               "sequence_target"))
     g.add_argument("--rows", type=int, default=8, help="examples in the check batch")
     g.add_argument("--tol", type=float, default=1e-6, help="relative error tolerance")
 
     b = sub.add_parser("bench", help="benchmarks, each against its reference in the same run")
     b.add_argument("which", nargs="?", default="all",
                    choices=["compute", "data", "allreduce", "scaling", "soak", "memory", "hvp",
-                            "all"])
+                            "rnn", "all"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
 
@@ -314,12 +318,15 @@ def _gradcheck(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data import load_training_data
-    from .nn import LOSSES, MLP, gradcheck
+    from .nn import LOSSES, gradcheck
     from .nn.layers import STRAIGHT_THROUGH
+    from .runtime.models import build_model, data_problems
     from .runtime.trainer import output_size
     values = {k: getattr(args, k) for k in TrainConfig.field_names() if k in vars(args)}
     cfg = TrainConfig.from_dict({**values, "dtype": "float64", "val_fraction": 0.0}).validate()
     bundle = load_training_data(cfg)
+    if data_problems(cfg, bundle):
+        raise ConfigError(data_problems(cfg, bundle))
     rows = max(1, min(args.rows, bundle.x_train.shape[0]))
     x = np.ascontiguousarray(bundle.x_train[:rows], dtype=np.float64)
     y = bundle.y_train[:rows]
@@ -333,9 +340,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
     print(f"{'loss':<14} {'parameter':<12} {'shape':<12} {'rel. error':>11}")
     for loss in losses:
         n_out = output_size(loss, bundle.task, bundle.n_outputs)
-        model = MLP([x.shape[1], *cfg.hidden, n_out], activation=cfg.activation,
-                    dtype=np.float64, seed=cfg.seed, init=cfg.resolved_init,
-                    quantize_bits=cfg.quantize_bits)
+        model = build_model(cfg, x.shape[1], n_out, bundle.sequence)  # cfg is float64
         res = gradcheck(model, x, y, loss)
         for name, err in res.per_param.items():
             shape = "×".join(map(str, model.buffer.shapes[name]))

@@ -22,6 +22,7 @@ LOSSES = ("mse", "cross_entropy", "bce")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 TASKS = ("classification", "regression")
+MODELS = ("mlp", "rnn")
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class TrainConfig:
     streaming: bool = False
     on_bad_rows: str = "error"
     # model
+    model: str = "mlp"  # mlp | rnn (an Elman tanh RNN over sequence rows)
     hidden: tuple[int, ...] = (128,)
     activation: str = "relu"
     init: str | None = None
     dtype: str = "float32"
     remat_every: int | None = None
     quantize_bits: int | None = None
+    bptt_truncate: int | None = None  # rnn: cut BPTT every K steps (None: full BPTT)
+    sequence_target: str = "last"  # rnn: loss on the last step's readout, or on every step's
     # loss
     loss: str | None = None
     label_smoothing: float = 0.0
@@ -164,6 +168,9 @@ class TrainConfig:
             if v is None or (v <= 0 if strict else v < 0):
                 p.append(f"{name}: must be {'> 0' if strict else '>= 0'}, got {v!r}")
 
+        choice("model", MODELS)
+        choice("sequence_target", ("last", "every"))
+        positive("bptt_truncate", optional=True)
         choice("activation", ACTIVATIONS)
         choice("init", INITS, optional=True)
         choice("dtype", ("float32", "float64"))
@@ -230,6 +237,7 @@ class TrainConfig:
             p.append(f"val_fraction: must be in [0, 1), got {self.val_fraction!r}")
         if not 0 <= self.metrics_port <= 65535:
             p.append(f"metrics_port: must be in 0..65535, got {self.metrics_port!r}")
+        p += self._model_problems()
         if any(h <= 0 for h in self.hidden):
             p.append(f"hidden: every layer width must be > 0, got {list(self.hidden)}")
         if self.vanish_threshold >= self.explode_threshold:
@@ -245,6 +253,28 @@ class TrainConfig:
             p.append("resume: 'auto' continues the run in --out DIR; give --out")
         elif self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             p.append(f"resume: not a run directory: {self.resume}")
+        return p
+
+    def _model_problems(self) -> list[str]:
+        """--model rnn: one state size; rnn-only fields left alone for the mlp."""
+        p: list[str] = []
+        if self.model == "rnn":
+            if len(self.hidden) != 1:
+                p.append(f"hidden: --model rnn takes one state size H (e.g. --hidden 64), got "
+                         f"{list(self.hidden)}")
+            if self.remat_every:
+                p.append("remat_every: gradient checkpointing is for --model mlp; use "
+                         "--bptt-truncate to bound what BPTT keeps")
+            if self.quantize_bits is not None:
+                p.append("quantize_bits: --model rnn has a tanh cell; no quantized activation")
+            if self.sharpness_every:
+                p.append("sharpness_every: Hessian-vector products are implemented for the "
+                         "MLP only, not --model rnn")
+        else:
+            if self.bptt_truncate is not None:
+                p.append("bptt_truncate: only meaningful with --model rnn")
+            if self.sequence_target != "last":
+                p.append("sequence_target: only meaningful with --model rnn")
         return p
 
     # derived defaults ------------------------------------------------------

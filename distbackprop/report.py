@@ -133,10 +133,39 @@ def make_report(run_dir: str | Path) -> list[Path]:
     phases = [p for p in PHASES if f"time/{p}" in cols]
     if phases:
         _plot_phases(plt, save, steps, cols, phases)
+    buckets = _layers(cols, "time_grad_norm/")
+    if buckets:  # --model rnn
+        _plot_time_heatmap(plt, save, steps, buckets,
+                           np.stack([np.asarray(cols[f"time_grad_norm/{b}"], dtype=np.float64)
+                                     for b in buckets]))
     mem_path = run_dir / "memory.parquet"
     if mem_path.exists():
         _plot_memory(plt, save, mem_path)
     return written
+
+
+def _plot_time_heatmap(plt, save, steps, buckets: list[str], norms: np.ndarray) -> None:
+    """log10 ‖∂L/∂h_t‖ per time bucket (y, earliest steps on top) and training step (x).
+
+    `norms` (buckets, K): each bucket's RMS of ‖∂L/∂h_t‖ over its time steps. A column that
+    darkens from the bottom (late t) to the top (early t) is the gradient vanishing back
+    through time. Exact zeros (truncated BPTT cut the graph) are drawn as gaps.
+    """
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.45 * len(buckets)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logn = np.log10(_positive(norms))
+    data = np.ma.masked_invalid(logn)
+    extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, len(buckets) - 0.5, -0.5)
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
+    ax.set_yticks(range(len(buckets)), buckets)
+    ax.set(xlabel="training step", ylabel="time steps (bucket)")
+    ratio = norms[0] / np.where(norms[-1] > 0, norms[-1], np.nan)
+    last = ratio[np.isfinite(ratio)]
+    shown = f"   first/last bucket at the end: {last[-1]:.2e}" if last.size else ""
+    ax.set_title(f"log10 ‖∂L/∂h_t‖ per time bucket{shown}", fontsize="medium")
+    cb = fig.colorbar(im, ax=ax, pad=0.01)
+    cb.set_label("log10 ‖∂L/∂h_t‖")
+    save(fig, "time_grad_heatmap.png")
 
 
 def _plot_loss(plt, save, steps: np.ndarray, cols: dict) -> None:

@@ -20,6 +20,7 @@ EXAMPLES = {
     "implicit_layer.py": "IFT vs unrolled backprop",
     "maml_sine.py": "MAML init",
     "remat_memory.py": "bit-identical",
+    "rnn_long_range.py": "vanishing over time: the ratio falls with T",
 }
 
 

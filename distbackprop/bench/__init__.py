@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-ALL = ("compute", "data", "allreduce", "scaling", "soak", "memory", "hvp")
+ALL = ("compute", "data", "allreduce", "scaling", "soak", "memory", "hvp", "rnn")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

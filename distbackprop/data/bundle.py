@@ -16,7 +16,13 @@ import numpy as np
 
 from distbackprop.data.errors import DataError
 from distbackprop.data.options import DataOptions
-from distbackprop.data.schema import ColumnPlan, classes_of, normalize_names, plan_columns
+from distbackprop.data.schema import (
+    VARIABLE,
+    ColumnPlan,
+    classes_of,
+    normalize_names,
+    plan_columns,
+)
 from distbackprop.data.sources import Source, embedded_digits_path, open_source
 from distbackprop.data.standardize import RunningStats, standardize_
 from distbackprop.data.streaming import load_streaming
@@ -70,6 +76,11 @@ def training_plan(options: Any) -> tuple[Source, ColumnPlan, str]:
     features = normalize_names(opts.features) or None
     plan = plan_columns(src.schema, source=path, target=opts.target, features=features,
                         task=opts.task, partition_columns=src.partition_columns)
+    if opts.streaming and (VARIABLE in plan.feature_widths or plan.target_width is None):
+        raise DataError(f"streaming: a list<list> sequence column or list<float> target in "
+                        f"{path} needs its length known before reading; store it as "
+                        "fixed_size_list<fixed_size_list<float, F>, T> (fixed_size_list<float, "
+                        "T>) or train without --streaming")
     return src, plan, path
 
 
@@ -93,6 +104,7 @@ def load_training_data(options: DataOptions | Any) -> DataBundle:
         return load_streaming(opts, src, plan, path, fraction)
 
     arrs = read_arrays(src, plan, dtype=dtype, on_bad_rows=opts.on_bad_rows)
+    plan = arrs.plan or plan  # list<list> sequence widths are known once the rows are read
     warnings = list(plan.warnings)
     if arrs.dropped:
         warnings.append(dropped_warning(arrs.dropped, path))
@@ -133,7 +145,8 @@ def load_training_data(options: DataOptions | Any) -> DataBundle:
         classes=classes, feature_names=list(plan.feature_names),
         target_names=list(plan.target_names), mean=mean, std=std, source=path,
         feature_widths=list(plan.feature_widths), dtype=dtype.name, n_train=len(x_train),
-        dropped_rows=dropped, notes=list(plan.notes), warnings=warnings)
+        dropped_rows=dropped, notes=list(plan.notes), warnings=warnings,
+        sequence=plan.sequence)
 
 
 def _stats(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +190,9 @@ def prepare_inference(model_meta: dict[str, Any], path: str,
     plan = plan_columns(src.schema, source=path, target=targets or None, features=names,
                         task=meta["task"], partition_columns=src.partition_columns)
     widths = tuple(meta["feature_widths"]) or plan.feature_widths
-    if plan.n_features != meta["n_features"] or plan.feature_widths != widths:
+    # list<list> sequence rows: the width is checked once they are read (below)
+    if VARIABLE not in plan.feature_widths and (plan.n_features != meta["n_features"]
+                                                or plan.feature_widths != widths):
         raise DataError(f"data: {path} gives {plan.n_features} features "
                         f"(columns {', '.join(names[:5])}{' …' if len(names) > 5 else ''}) but "
                         f"the model expects {meta['n_features']}")
@@ -186,6 +201,9 @@ def prepare_inference(model_meta: dict[str, Any], path: str,
         raise DataError(f"data: {len(plan.target_names)} target column(s) given but the model "
                         f"predicts {meta['n_outputs']}")
     arrs = read_arrays(src, plan, dtype=dtype, on_bad_rows=on_bad_rows)
+    if arrs.x.shape[1] != meta["n_features"]:
+        raise DataError(f"data: {path} gives {arrs.x.shape[1]} features per row but the model "
+                        f"expects {meta['n_features']}")
     standardize_(arrs.x, meta["mean"], meta["std"])
     y = None
     if targets and meta["task"] == "classification":

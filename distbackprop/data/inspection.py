@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from distbackprop.data.errors import DataError
 from distbackprop.data.schema import (
+    VARIABLE,
     ColumnPlan,
     first_non_number,
     flat_list_values,
@@ -68,6 +69,7 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
     notes = list(plan.notes) if plan else []
     warnings = list(plan.warnings) if plan else []
     roles = _column_roles(plan, src.partition_columns, targets, schema.names)
+    sequence = _sequence(src, plan)
     summary = None
     if plan is not None and plan.task == "regression" and tally.tsum:
         summary = {t: {"min": s[0], "max": s[1], "mean": s[2] / s[3] if s[3] else None}
@@ -83,7 +85,9 @@ def inspect(path: str, target: str | Sequence[str] | None = "target") -> dict[st
         "target": list(targets) or None,
         "task": plan.task if plan is not None and plan.target_names else None,
         "features": list(plan.feature_names) if plan else [],
-        "n_features": plan.n_features if plan else None,
+        "n_features": (sequence[0] * sequence[1] if sequence else
+                       plan.n_features if plan else None),
+        "sequence": {"steps": sequence[0], "features": sequence[1]} if sequence else None,
         "class_counts": ({str(k): v for k, v in sorted(tally.class_counts.items(),
                                                         key=_label_key)}
                          if classify else None),
@@ -237,6 +241,21 @@ def _label_key(item: tuple) -> tuple:
     return (0, k, "") if isinstance(k, int | float | bool) else (1, 0, str(k))
 
 
+def _sequence(src: Any, plan: ColumnPlan | None) -> tuple[int, int] | None:
+    """(T, F) of the one sequence feature column: from its type, or for list<list> from the
+    first row (training refuses rows that differ from it)."""
+    if plan is None or len(plan.feature_names) != 1:
+        return None
+    if plan.sequence is not None:
+        return plan.sequence
+    if plan.feature_widths[0] != VARIABLE or not src.fragments:
+        return None
+    head = src.fragments[0].head(1, columns=[plan.feature_names[0]]).column(0).to_pylist()
+    if not head or not head[0] or head[0][0] is None:
+        return None
+    return len(head[0]), len(head[0][0])
+
+
 def format_inspect(d: dict[str, Any]) -> str:
     """Human-readable text of an `inspect` result."""
     lines = []
@@ -253,6 +272,9 @@ def format_inspect(d: dict[str, Any]) -> str:
     if feats:
         shown = ", ".join(feats[:6]) + (f", … ({len(feats)} columns)" if len(feats) > 6 else "")
         lines.append(f"features: {d['n_features']} ({shown})")
+    if d.get("sequence"):
+        q = d["sequence"]
+        lines.append(f"sequence: T = {q['steps']} steps × F = {q['features']} features per step")
     width = max([len(c["name"]) for c in d["schema"]] + [6])
     twidth = max([len(c["type"]) for c in d["schema"]] + [4])
     lines.append("")

@@ -60,6 +60,39 @@ def fixed_width(t: pa.DataType) -> int | None:
     return None
 
 
+VARIABLE = -1  # width of a list<list<number>> sequence column until its rows are read
+
+
+def sequence_shape(t: pa.DataType) -> tuple[int, int] | None:
+    """(T steps, F features) of a sequence column type: fixed_size_list<fixed_size_list<
+    number, F>, T> → (T, F); fixed_size_list<number, T> → (T, 1); else None."""
+    if not pa.types.is_fixed_size_list(t):
+        return None
+    inner = t.value_type
+    if _is_numeric(inner):
+        return t.list_size, 1
+    if pa.types.is_fixed_size_list(inner) and _is_numeric(inner.value_type):
+        return t.list_size, inner.list_size
+    return None
+
+
+def is_var_sequence(t: pa.DataType) -> bool:
+    """list<list<number>> (or list<fixed_size_list<number, F>>): a sequence whose T and F
+    are read from the rows (`tables.resolve_sequences`, which refuses ragged rows)."""
+    if not _is_varlist(t):
+        return False
+    inner = t.value_type
+    return ((_is_varlist(inner) or pa.types.is_fixed_size_list(inner))
+            and _is_numeric(inner.value_type))
+
+
+def is_list_target(t: pa.DataType) -> bool:
+    """A per-step target: fixed_size_list<float, T> or list<float> (``--sequence-target
+    every``)."""
+    return ((pa.types.is_fixed_size_list(t) or _is_varlist(t))
+            and pa.types.is_floating(t.value_type))
+
+
 def _is_label(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_label(t.value_type)
@@ -86,6 +119,11 @@ class ColumnPlan:
     suspects: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
+    # (T, F) when the one feature column is a sequence (see `sequence_shape`), else None.
+    sequence: tuple[int, int] | None = None
+    # values per row of the target: len(target_names), or T for one fixed_size_list<float, T>
+    # target (a target per step); None for a list<float> target until its rows are read
+    target_width: int | None = None
 
     @property
     def n_features(self) -> int:
@@ -103,6 +141,10 @@ class ColumnPlan:
     def feature_label(self, index: int) -> str:
         """Name of feature ``index`` in messages: the column, with ``[k]`` inside a list."""
         for name, width in zip(self.feature_names, self.feature_widths, strict=True):
+            # a T×F sequence names step and feature (F = 1: the index is the step)
+            if index < width and self.sequence is not None and self.sequence[1] > 1:
+                step, f = divmod(index, self.sequence[1])  # row-major: x[t·F + f]
+                return f"{name}[step {step}, feature {f}]"
             if index < width:
                 return name if width == 1 else f"{name}[{index}]"
             index -= width
@@ -156,9 +198,19 @@ def plan_columns(schema: pa.Schema, *, source: str, target: str | Sequence[str] 
     parts = [c for c in partition_columns if c in names and c not in targets and not features]
     notes = tuple(f"partition column {c!r} of {source} is not a feature (name it in --features "
                   "to use it)" for c in parts)
+    sequence = None
+    if len(chosen.names) == 1:
+        sequence = sequence_shape(schema.field(chosen.names[0]).type)
     return ColumnPlan(resolved, tuple(present_targets), tuple(chosen.names),
                       tuple(chosen.widths), tuple(chosen.ignored), tuple(chosen.suspects),
-                      notes, warnings)
+                      notes, warnings, sequence, _target_width(schema, present_targets))
+
+
+def _target_width(schema: pa.Schema, targets: Sequence[str]) -> int | None:
+    if len(targets) == 1 and is_list_target(schema.field(targets[0]).type):
+        t = schema.field(targets[0]).type
+        return t.list_size if pa.types.is_fixed_size_list(t) else None
+    return len(targets)
 
 
 def _find_targets(names: Sequence[str], targets: Sequence[str], source: str,
@@ -180,7 +232,8 @@ def _resolve_task(schema: pa.Schema, present_targets: list[str], task: str | Non
     if resolved is None:
         if len(types) == 1 and _is_label(types[0]):
             resolved = "classification"
-        elif all(_is_numeric(tp) for tp in types):
+        elif all(_is_numeric(tp) for tp in types) or (len(types) == 1
+                                                     and is_list_target(types[0])):
             resolved = "regression"
     if resolved == "classification":
         if len(present_targets) > 1:
@@ -191,7 +244,7 @@ def _resolve_task(schema: pa.Schema, present_targets: list[str], task: str | Non
                             f"type {types[0]}, which cannot be a class label")
     elif resolved == "regression":
         for t, tp in zip(present_targets, types, strict=True):
-            if not _is_numeric(tp):
+            if not _is_numeric(tp) and not (len(types) == 1 and is_list_target(tp)):
                 problems.append(f"{role}: regression target column {t!r} in {source} is "
                                 f"{tp}, not numeric")
     else:
@@ -228,7 +281,7 @@ def _named_features(schema: pa.Schema, features: Sequence[str], targets: Sequenc
                                 "feature")
             continue
         tp = schema.field(c).type
-        w = fixed_width(tp)
+        w = VARIABLE if is_var_sequence(tp) else fixed_width(tp)
         if w is None:
             out.problems.append(_type_problem(role, source, c, tp))
         else:
@@ -245,7 +298,7 @@ def _inferred_features(schema: pa.Schema, skip: set[str], source: str,
         if c in skip:
             continue
         tp = schema.field(c).type
-        w = fixed_width(tp)
+        w = VARIABLE if is_var_sequence(tp) else fixed_width(tp)
         if w is not None:
             out.names.append(c)
             out.widths.append(w)
@@ -262,7 +315,8 @@ def _type_problem(role: str, source: str, column: str, tp: pa.DataType) -> str:
     if _is_varlist(tp):
         return (f"{role}: feature column {column!r} in {source} is a variable-length list "
                 f"({tp}); features need a fixed width: store it as a fixed-size list, e.g. "
-                "pa.list_(pa.float32(), 784)")
+                "pa.list_(pa.float32(), 784), or a sequence as list<list<float>> / "
+                "fixed_size_list<fixed_size_list<float, F>, T>")
     if pa.types.is_fixed_size_list(tp):
         return (f"{role}: feature column {column!r} in {source} is {tp}, "
                 "not a fixed-size list of numbers")
@@ -464,7 +518,10 @@ def encode_labels(labels: np.ndarray, classes: Sequence) -> tuple[np.ndarray, np
 
 def regression_targets(table: pa.Table, names: Sequence[str], dtype: np.dtype | str
                        ) -> np.ndarray:
-    """``(rows, k)`` float targets; nulls become NaN."""
+    """``(rows, k)`` float targets; nulls become NaN. One list column (a target per step,
+    ``--sequence-target every``) gives ``(rows, T)``; rows must all hold T values."""
+    if len(names) == 1 and is_list_target(table.schema.field(names[0]).type):
+        return _list_targets(table, names[0], dtype)
     y = np.empty((table.num_rows, len(names)), dtype=dtype)
     for j, name in enumerate(names):
         r = 0
@@ -472,6 +529,20 @@ def regression_targets(table: pa.Table, names: Sequence[str], dtype: np.dtype | 
             y[r:r + len(chunk), j] = _leaf_numpy(chunk)
             r += len(chunk)
     return y
+
+
+def _list_targets(table: pa.Table, name: str, dtype: np.dtype | str) -> np.ndarray:
+    arr = table.column(name).combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        return flat_list_values(arr).astype(dtype, copy=False).reshape(len(arr), -1)
+    lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
+    T = int(lengths[0]) if len(lengths) else 0
+    if len(lengths) and (lengths != T).any():
+        r = int(np.argmax(lengths != T))
+        raise DataError(f"data: target column {name!r}: row {r} holds {int(lengths[r])} "
+                        f"values, row 0 holds {T}; a per-step target needs the same length "
+                        "in every row")
+    return _leaf_numpy(arr.flatten()).astype(dtype, copy=False).reshape(len(arr), T)
 
 
 def bad_rows_message(role: str, what: str, count: int, path: str, row: int,

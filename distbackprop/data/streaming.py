@@ -277,7 +277,8 @@ def load_streaming(options: DataOptions, src: Source, plan: ColumnPlan, path: st
         classes=classes, feature_names=list(plan.feature_names),
         target_names=list(plan.target_names), mean=mean, std=std, source=path,
         feature_widths=list(plan.feature_widths), dtype=dtype.name, n_train=scan.n_train,
-        dropped_rows=scan.dropped, notes=list(plan.notes), warnings=warnings, stream=stream)
+        dropped_rows=scan.dropped, notes=list(plan.notes), warnings=warnings, stream=stream,
+        sequence=plan.sequence)
 
 
 def assign_pieces(pieces: tuple[Piece, ...], shares: list[int], seed: int) -> list[list[int]]:
@@ -344,7 +345,7 @@ class StreamingBatcher:
         self._dtype = np.dtype(plan.dtype)
         self._buf_x = np.empty((self.capacity, d), dtype=self._dtype)
         y_shape = (() if plan.columns.task == "classification"
-                   else (len(plan.columns.target_names),))
+                   else (plan.columns.target_width or len(plan.columns.target_names),))
         y_dtype = np.int64 if plan.columns.task == "classification" else self._dtype
         self._buf_y = np.empty((self.capacity, *y_shape), dtype=y_dtype)
         self._out_x = np.empty((self.share, d), dtype=self._dtype)

@@ -9,16 +9,19 @@ from here, and nothing here imports them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from distbackprop.atomic import atomic_path
 from distbackprop.data.errors import DataError
 from distbackprop.data.schema import (
+    VARIABLE,
     ColumnPlan,
     audit_suspects,
     bad_rows_message,
@@ -31,6 +34,7 @@ from distbackprop.data.schema import (
     nonfinite_rows,
     plan_columns,
     regression_targets,
+    sequence_shape,
 )
 from distbackprop.data.sources import Source, locate, open_source, read_table
 
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
     from distbackprop.data.streaming import StreamPlan
 
 META_KEYS = ("task", "classes", "feature_names", "feature_widths", "target_names", "mean", "std",
-             "n_features", "n_outputs")
+             "n_features", "n_outputs", "sequence")
 
 
 @dataclass
@@ -80,6 +84,8 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stream: StreamPlan | None = None
+    # (T steps, F features) when the one feature column is a sequence: x rows are x[t·F + f].
+    sequence: tuple[int, int] | None = None
 
     def model_meta(self) -> dict[str, Any]:
         """What ``model.npz`` must carry for `prepare_inference` (keys `META_KEYS`).
@@ -97,6 +103,7 @@ class DataBundle:
             "std": np.asarray(self.std, dtype=np.float64).tolist(),
             "n_features": int(self.n_features),
             "n_outputs": int(self.n_outputs),
+            "sequence": None if self.sequence is None else [int(v) for v in self.sequence],
         }
 
 
@@ -154,7 +161,10 @@ def convert_table(table: pa.Table, spans: list, plan: ColumnPlan, dtype: np.dtyp
         bad_y = nonfinite_rows(y)
         if bad_y.any():
             first = int(np.argmax(bad_y))
-            col = plan.target_names[int(np.flatnonzero(~np.isfinite(y[first]))[0])]
+            j = int(np.flatnonzero(~np.isfinite(y[first]))[0])
+            # a per-step target (one list column): name the step
+            col = plan.target_names[j] if y.shape[1] == len(plan.target_names) else \
+                f"{plan.target_names[0]}[step {j}]"
             reports.append(BadRows(f"target {col!r}", int(bad_y.sum()), *locate(spans, first)))
         bad |= bad_y
     return Converted(x, labels, y, bad, reports)
@@ -174,6 +184,7 @@ class Arrays:
     dropped: int
     spans: list
     rows: np.ndarray | None = None
+    plan: ColumnPlan | None = None  # the plan with list<list> sequence widths resolved
 
     def origin(self, i: int) -> tuple[str, int]:
         """(file, row in file) of kept row ``i``."""
@@ -190,11 +201,13 @@ def read_arrays(src: Source, plan: ColumnPlan, *, dtype: np.dtype | str, on_bad_
     table, spans = read_table(src, plan.columns, role)
     if table.num_rows == 0:
         raise DataError(f"{role}: {src.path} has no rows")
+    if VARIABLE in plan.feature_widths:
+        table, plan = resolve_sequences(table, plan, spans, role)
     audit_suspects(table, plan, spans, role)
     conv = convert_table(table, spans, plan, dtype, role)
     del table
     if not conv.reports:
-        return Arrays(conv.x, conv.labels, conv.y, 0, spans)
+        return Arrays(conv.x, conv.labels, conv.y, 0, spans, plan=plan)
     if on_bad_rows != "drop":
         raise DataError([r.message(role) for r in conv.reports])
     keep = ~conv.bad
@@ -203,7 +216,60 @@ def read_arrays(src: Source, plan: ColumnPlan, *, dtype: np.dtype | str, on_bad_
                         "nothing is left after --on-bad-rows drop")
     return Arrays(conv.x[keep], None if conv.labels is None else conv.labels[keep],
                   None if conv.y is None else conv.y[keep], int(conv.bad.sum()), spans,
-                  np.flatnonzero(keep))
+                  np.flatnonzero(keep), plan)
+
+
+def _lengths(arr: pa.Array) -> np.ndarray:
+    """Per-row list lengths (null rows: -1)."""
+    return pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
+
+
+def _fixed_sequence(arr: pa.Array, name: str, spans: list, role: str) -> pa.Array:
+    """list<list<number>> → fixed_size_list<fixed_size_list<float64, F>, T>; T and F from the
+    first row, and every other row must match (a ragged row is named with its length)."""
+    outer = _lengths(arr)
+    T = int(outer[0])
+    bad = np.flatnonzero(outer != T)
+    if T <= 0 or len(bad):
+        r = int(bad[0]) if len(bad) else 0
+        path, fr = locate(spans, r)
+        what = "is missing (null)" if outer[r] < 0 else f"has {int(outer[r])} steps"
+        raise DataError(f"{role}: sequence column {name!r}: row {fr} of {path} {what}, but "
+                        f"row 0 has {T} steps; every row needs the same T > 0 "
+                        f"({len(bad)} ragged row(s))")
+    steps = arr.flatten()  # (n·T) inner lists, row-major
+    if pa.types.is_fixed_size_list(steps.type):
+        F = steps.type.list_size
+    else:
+        inner = _lengths(steps)
+        F = int(inner[0])
+        bad = np.flatnonzero(inner != F)
+        if F <= 0 or len(bad):
+            i = int(bad[0]) if len(bad) else 0
+            r, t = divmod(i, T)
+            path, fr = locate(spans, r)
+            what = "is missing (null)" if inner[i] < 0 else f"has {int(inner[i])} features"
+            raise DataError(f"{role}: sequence column {name!r}: row {fr} of {path}, step {t} "
+                            f"{what}, but step 0 of row 0 has {F}; every step needs the same "
+                            "F > 0")
+    values = pc.cast(steps.flatten(), pa.float64())
+    return pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(values, F), T)
+
+
+def resolve_sequences(table: pa.Table, plan: ColumnPlan, spans: list, role: str = "data"
+                      ) -> tuple[pa.Table, ColumnPlan]:
+    """Turn each list<list<number>> feature column (width `VARIABLE` in the plan) into a fixed
+    T×F column; returns the table and the plan with the widths T·F (and `sequence`)."""
+    widths = list(plan.feature_widths)
+    for i, (name, w) in enumerate(zip(plan.feature_names, widths, strict=True)):
+        if w != VARIABLE:
+            continue
+        fixed = _fixed_sequence(table.column(name).combine_chunks(), name, spans, role)
+        table = table.set_column(table.schema.get_field_index(name), name, fixed)
+        widths[i] = fixed.type.list_size * fixed.type.value_type.list_size
+    seq = sequence_shape(table.schema.field(plan.feature_names[0]).type) \
+        if len(plan.feature_names) == 1 else None
+    return table, dataclasses.replace(plan, feature_widths=tuple(widths), sequence=seq)
 
 
 def encode_or_raise(arrs: Arrays, classes: list, column: str, role: str) -> np.ndarray:
@@ -274,3 +340,20 @@ def write_parquet(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> No
     import pyarrow.parquet as pq
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp)
+
+
+def write_sequence_parquet(path: str | os.PathLike, x: np.ndarray, y: np.ndarray,
+                           feature: str = "x", target: str = "target") -> None:
+    """Sequences as Parquet: ``x (n, T, F)`` → a fixed_size_list<fixed_size_list<float, F>, T>
+    column; ``y (n,)`` → a scalar target, ``y (n, T)`` → fixed_size_list<float, T> (a target
+    per step, ``--sequence-target every``)."""
+    import pyarrow.parquet as pq
+    x = np.ascontiguousarray(x)
+    n, T, F = x.shape
+    cols = {feature: pa.FixedSizeListArray.from_arrays(
+        pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), F), T)}
+    y = np.ascontiguousarray(y)
+    cols[target] = pa.array(y) if y.ndim == 1 else \
+        pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), y.shape[1])
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)

@@ -104,7 +104,8 @@ class MetricsExporter:
     """
 
     def __init__(self, layers: Sequence[str], registry: CollectorRegistry | None = None,
-                 host: str = "127.0.0.1", port: int = 9400, enabled: bool = True):
+                 host: str = "127.0.0.1", port: int = 9400, enabled: bool = True,
+                 time_buckets: Sequence[str] = ()):
         self.layers = [str(x) for x in layers]
         self.registry = registry if registry is not None else CollectorRegistry()
         self.host = host
@@ -175,6 +176,7 @@ class MetricsExporter:
                                        "Per-layer gradient norm above which a layer explodes",
                                        registry=r)
 
+        self._time_metrics(r, time_buckets)
         # Create every labelled child now so each series exists (at 0) from the
         # first scrape: increase() and alerts need the zero before the first event.
         self._grad_norm = [self.grad_norm.labels(layer=x) for x in self.layers]
@@ -184,13 +186,32 @@ class MetricsExporter:
         for kind in MODEL_KINDS:
             self.model.labels(kind=kind)
 
+    def _time_metrics(self, r: CollectorRegistry, time_buckets: Sequence[str]) -> None:
+        """--model rnn: ‖∂L/∂h_t‖ folded into a few time buckets (labels like "t1-25"), and
+        the first bucket over the last: ≪ 1 when the gradient vanishes back through time.
+        Registered only for a model with time steps: an MLP run exports no ratio (a 0 there
+        would read as vanishing to the alert)."""
+        self.time_buckets = [str(b) for b in time_buckets]
+        self._time_grad_norm: list = []
+        self.time_grad_norm = self.time_grad_ratio = None
+        if not self.time_buckets:
+            return
+        self.time_grad_norm = Gauge("distbackprop_time_grad_norm",
+                                    "RMS over the bucket's time steps t of ||dL/dh_t|| (RNN), "
+                                    "last step", ["bucket"], registry=r)
+        self.time_grad_ratio = Gauge("distbackprop_time_grad_ratio",
+                                     "First time bucket's gradient norm over the last bucket's "
+                                     "(RNN), last step", registry=r)
+        self._time_grad_norm = [self.time_grad_norm.labels(bucket=b) for b in self.time_buckets]
+
     @classmethod
     def from_config(cls, config: Any, layers: Sequence[str],
-                    registry: CollectorRegistry | None = None) -> MetricsExporter:
+                    registry: CollectorRegistry | None = None,
+                    time_buckets: Sequence[str] = ()) -> MetricsExporter:
         """Exporter for a `TrainConfig`: ``metrics_port == 0`` means off (``enabled=False``)."""
         port = int(config.metrics_port)
         return cls(layers, registry=registry, host=config.metrics_host, port=port,
-                   enabled=port != 0)
+                   enabled=port != 0, time_buckets=time_buckets)
 
     # ------------------------------------------------------------------ server
     @property
@@ -289,11 +310,21 @@ class MetricsExporter:
         if measured.size:
             self.sharpness.set(float(measured[-1]))
 
+        self._record_time_norms(stats.get("time_grad_norm"))
         self.phase_seconds.observe_many(stats["phase_seconds"])
         seconds = float(wall_seconds if wall_seconds is not None
                         else np.asarray(stats["step_seconds"]).sum())
         if seconds > 0:
             self.samples_per_second.set(n_samples / seconds)
+
+    def _record_time_norms(self, norms: np.ndarray | None) -> None:
+        """Gauges of the chunk's last step: per time bucket, and first bucket / last."""
+        if norms is None or self.time_grad_ratio is None or len(norms) == 0:
+            return
+        last = np.asarray(norms, dtype=np.float64)[-1]
+        for child, v in zip(self._time_grad_norm, last, strict=True):
+            child.set(float(v))
+        self.time_grad_ratio.set(float(last[0] / last[-1]) if last[-1] > 0 else float("nan"))
 
     def record_workers(self, memory: Mapping[int, Mapping[str, int]]) -> None:
         """Per-worker memory at chunk end: {rank: {"rss_bytes", "activation_bytes",

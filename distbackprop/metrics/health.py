@@ -244,7 +244,8 @@ class StepStats:
     loss, lr, grad_global_norm, grad_max_abs, step_seconds (K,) f64;
     grad_norm, update_ratio (K, L) f64; nonfinite (K,) int64; skipped (K,) bool;
     phase_seconds (K, len(PHASES)) f64 in PHASES order; sharpness (K,) f64 (NaN
-    where not measured). Nothing grows per step:
+    where not measured); for a model with time steps also time_grad_norm (K, buckets)
+    f64, from ``health["time_grad_norm"]``. Nothing grows per step:
     `record` writes row K and `reset` rewinds.
     """
 
@@ -272,6 +273,9 @@ class StepStats:
         self.step_seconds = np.zeros(capacity, dtype=np.float64)
         self.phase_seconds = np.zeros((capacity, len(PHASES)), dtype=np.float64)
         self.sharpness = np.full(capacity, np.nan)  # top Hessian eigenvalue, when measured
+        # (K, buckets) RMS ‖∂L/∂h_t‖ per time bucket (--model rnn); allocated by the first
+        # step whose health carries it, so models without time steps pay nothing.
+        self.time_grad_norm: np.ndarray | None = None
 
     FIELDS: tuple[str, ...] = (
         "step", "epoch", "loss", "samples", "lr", "grad_global_norm", "grad_norm",
@@ -313,14 +317,20 @@ class StepStats:
         self.step_seconds[k] = step_seconds
         self.phase_seconds[k] = phase_seconds
         self.sharpness[k] = np.nan
+        time_norms = health.get("time_grad_norm")
+        if time_norms is not None:
+            if self.time_grad_norm is None:
+                self.time_grad_norm = np.full((self.capacity, len(time_norms)), np.nan)
+            self.time_grad_norm[k] = time_norms
         self.n = k + 1
 
     def as_dict(self, copy: bool = True) -> dict[str, np.ndarray]:
         """The first K rows of every array, by the names in the brief (copies by default,
         since the buffers are reused by the next chunk)."""
         k = self.n
+        names = self.FIELDS + (("time_grad_norm",) if self.time_grad_norm is not None else ())
         return {name: (getattr(self, name)[:k].copy() if copy else getattr(self, name)[:k])
-                for name in self.FIELDS}
+                for name in names}
 
 
 __all__ = [

@@ -3,7 +3,8 @@
 history.parquet columns (extend, never rename: readers select columns by name):
 ``step, epoch, loss, samples, lr, grad_global_norm, grad_max_abs, nonfinite, skipped,
 step_seconds, sharpness, workers, time/<phase> for phase in PHASES, grad_norm/<layer>,
-update_ratio/<layer>``.
+update_ratio/<layer>``, and for ``--model rnn`` ``time_grad_norm/<bucket>`` (RMS of
+‖∂L/∂h_t‖ over the steps t of each time bucket, e.g. ``time_grad_norm/t1-25``).
 
 memory.parquet columns: ``step, worker, rss_bytes, peak_rss_bytes, activation_bytes,
 open_fds, threads`` (one row per worker per chunk end; all int64; the last two are
@@ -44,10 +45,11 @@ MEMORY_COLUMNS: tuple[str, ...] = (
 )
 
 
-def history_columns(layers: Sequence[str]) -> list[str]:
-    """Column names of history.parquet for these layers, in file order."""
+def history_columns(layers: Sequence[str], time_buckets: Sequence[str] = ()) -> list[str]:
+    """Column names of history.parquet for these layers (and time buckets), in file order."""
     return ([name for name, _ in _SCALARS] + [f"time/{p}" for p in PHASES]
-            + [f"grad_norm/{x}" for x in layers] + [f"update_ratio/{x}" for x in layers])
+            + [f"grad_norm/{x}" for x in layers] + [f"update_ratio/{x}" for x in layers]
+            + [f"time_grad_norm/{b}" for b in time_buckets])
 
 
 def _write_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
@@ -61,8 +63,9 @@ def _write_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
 class HistoryWriter:
     """Collects per-step chunk statistics; `to_table`/`write` give history.parquet."""
 
-    def __init__(self, layers: Sequence[str]):
+    def __init__(self, layers: Sequence[str], time_buckets: Sequence[str] = ()):
         self.layers = [str(x) for x in layers]
+        self.time_buckets = [str(b) for b in time_buckets]
         self._chunks: list[dict[str, np.ndarray]] = []
         self._steps = 0
 
@@ -80,7 +83,8 @@ class HistoryWriter:
         want = [(name, dt, (k,)) for name, dt in _SCALARS] + [
             ("grad_norm", np.float64, (k, L)), ("update_ratio", np.float64, (k, L)),
             ("phase_seconds", np.float64, (k, len(PHASES))),
-        ]
+        ] + ([("time_grad_norm", np.float64, (k, len(self.time_buckets)))]
+             if self.time_buckets else [])
         for name, dt, shape in want:
             if name in _OPTIONAL and name not in stats:
                 chunk[name] = np.full(shape, _OPTIONAL[name], dtype=dt)
@@ -124,6 +128,10 @@ class HistoryWriter:
             m = self._column(key, np.float64, L)
             for i, layer in enumerate(self.layers):
                 cols[f"{key}/{layer}"] = np.ascontiguousarray(m[:, i])
+        if self.time_buckets:
+            m = self._column("time_grad_norm", np.float64, len(self.time_buckets))
+            for i, b in enumerate(self.time_buckets):
+                cols[f"time_grad_norm/{b}"] = np.ascontiguousarray(m[:, i])
         return pa.table(cols)
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -142,7 +150,8 @@ class HistoryWriter:
         for name, fill in _OPTIONAL.items():
             cols.setdefault(name, np.full(n_rows, fill))
         need = [name for name, _ in _SCALARS] + [f"time/{p}" for p in PHASES] + [
-            f"{k}/{x}" for k in ("grad_norm", "update_ratio") for x in self.layers]
+            f"{k}/{x}" for k in ("grad_norm", "update_ratio") for x in self.layers] + [
+            f"time_grad_norm/{b}" for b in self.time_buckets]
         missing = [name for name in need if name not in cols]
         if missing:
             raise ConfigError([f"{path}: missing column {name!r}" for name in missing])
@@ -154,13 +163,17 @@ class HistoryWriter:
         for k in ("grad_norm", "update_ratio"):
             chunk[k] = (np.stack([cols[f"{k}/{x}"][keep] for x in self.layers], axis=1)
                         if self.layers else np.zeros((n, 0)))
+        if self.time_buckets:
+            chunk["time_grad_norm"] = np.stack(
+                [cols[f"time_grad_norm/{b}"][keep] for b in self.time_buckets], axis=1)
         self.append(chunk)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, layers: Sequence[str],
-                  before_step: int | None = None) -> HistoryWriter:
+                  before_step: int | None = None, time_buckets: Sequence[str] = ()
+                  ) -> HistoryWriter:
         """A new writer holding the rows of `path` (see `extend_from_parquet`)."""
-        w = cls(layers)
+        w = cls(layers, time_buckets)
         w.extend_from_parquet(path, upto_step=before_step)
         return w
 

@@ -9,13 +9,13 @@ from .meta import maml_loss_and_grad
 from .model import MLP, Sequential, init_params_, load_model
 from .params import ParamBuffer
 from .remat import CheckpointedMLP
-from .rnn import RNN, bucket_time_norms
+from .rnn import RNN, SequenceRNN, bucket_time_norms, time_ratio
 
 __all__ = [
     "ACTIVATIONS", "LOSSES", "MLP", "RNN", "STRAIGHT_THROUGH", "Activation", "CheckpointedMLP",
     "Dense", "FixedPointError", "GradcheckResult", "HessianOperator", "ImplicitModel", "NewtonCG",
-    "ParamBuffer", "Sequential",
+    "ParamBuffer", "Sequential", "SequenceRNN",
     "allreduce_hvp_", "bucket_time_norms", "gradcheck", "hvp", "init_params_", "load_model",
     "local_jacobian", "loss_and_grad", "loss_value", "make_activation", "maml_loss_and_grad",
-    "top_eigenvalue",
+    "time_ratio", "top_eigenvalue",
 ]

@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path
 from ..errors import InputError
 from .layers import Dense, Layer, make_activation
 from .losses import loss_and_grad as _loss_and_grad
 from .params import FlatModel, ParamBuffer
+from .rnn import SequenceRNN
 
 INITS = ("he", "xavier", "normal")
-MODEL_FORMAT = 1
 
 
 def loss_grad_buffer(holder: Any, y_hat: np.ndarray) -> np.ndarray:
@@ -182,25 +181,6 @@ class MLP(Sequential):
         return {"sizes": self.sizes, "activation": self.activation, "init": self.init,
                 "dtype": self.dtype.name, "quantize_bits": self.quantize_bits}
 
-    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None,
-             arrays: dict[str, np.ndarray] | None = None) -> None:
-        """Write an ``.npz`` without pickles: params, architecture + `meta` as JSON bytes.
-
-        Written through `distbackprop.atomic`, so a reader never sees half a model.
-        """
-        meta = dict(meta or {})
-        # Arrays in `meta` (e.g. standardization mean/std) travel as npz members.
-        meta_arrays = {k: meta.pop(k) for k in list(meta) if isinstance(meta[k], np.ndarray)}
-        header = {"format": MODEL_FORMAT, "architecture": self.architecture(), "meta": meta}
-        payload = {"params": self.params,
-                   "header_json": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
-        payload.update({f"meta/{k}": v for k, v in meta_arrays.items()})
-        for k, v in (arrays or {}).items():
-            payload[f"extra/{k}"] = np.asarray(v)
-        # A file object, not a name: np.savez appends ".npz" to names lacking it.
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **payload)
-
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every member of the .npz at `path`, never unpickling; anything else → InputError."""
@@ -248,14 +228,17 @@ def _architecture(path: Path, data: dict[str, np.ndarray]) -> tuple[dict[str, An
     arch = header.get("architecture") if isinstance(header, dict) else None
     if not isinstance(arch, dict):
         raise bad("header_json has no 'architecture' mapping")
-    problems = [f"architecture has no {k!r}" for k in ("sizes", "activation", "dtype")
-                if k not in arch]
+    rnn = arch.get("kind") == "rnn"
+    keys = ("n_in", "n_hidden", "n_out", "n_steps", "dtype") if rnn else \
+        ("sizes", "activation", "dtype")
+    problems = [f"architecture has no {k!r}" for k in keys if k not in arch]
     if problems:
         raise bad("; ".join(problems))
-    sizes = arch["sizes"]
+    sizes = [arch[k] for k in keys[:4]] if rnn else arch["sizes"]
     if (not isinstance(sizes, list) or len(sizes) < 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)):
-        raise bad(f"architecture sizes must be ≥ 2 positive integers, got {sizes!r}")
+        what = "n_in, n_hidden, n_out, n_steps" if rnn else "sizes"
+        raise bad(f"architecture {what} must be positive integers, got {sizes!r}")
     if arch["dtype"] not in ("float32", "float64"):
         raise bad(f"architecture dtype must be float32 or float64, got {arch['dtype']!r}")
     if not isinstance(header.get("meta", {}), dict):
@@ -263,8 +246,21 @@ def _architecture(path: Path, data: dict[str, np.ndarray]) -> tuple[dict[str, An
     return arch, header
 
 
-def load_model(path: str | os.PathLike) -> MLP:
-    """Load a model saved by `MLP.save` (``allow_pickle=False``; anything else is refused).
+def _build(arch: dict[str, Any]) -> FlatModel:
+    """The model an architecture mapping describes (``kind`` "rnn", else an MLP), seed 0."""
+    dtype = np.dtype(arch["dtype"])
+    if arch.get("kind") == "rnn":
+        return SequenceRNN(arch["n_in"], arch["n_hidden"], arch["n_out"], arch["n_steps"],
+                           sequence_target=arch.get("sequence_target", "last"),
+                           truncate=arch.get("truncate"), dtype=dtype, seed=0,
+                           recurrent_gain=float(arch.get("recurrent_gain", 0.9)))
+    return MLP(arch["sizes"], activation=arch["activation"], dtype=dtype,
+               init=arch.get("init"), seed=0, quantize_bits=arch.get("quantize_bits"))
+
+
+def load_model(path: str | os.PathLike) -> FlatModel:
+    """Load a model saved by `FlatModel.save` — an `MLP` or a `SequenceRNN`
+    (``allow_pickle=False``; anything else is refused).
 
     Any file that is not what it claims — not a zip, truncated, missing members, a header
     that is not the expected JSON, an unknown activation, params of the wrong shape or
@@ -276,8 +272,7 @@ def load_model(path: str | os.PathLike) -> MLP:
     data = _read_npz(path)
     arch, header = _architecture(path, data)
     try:
-        model = MLP(arch["sizes"], activation=arch["activation"], dtype=np.dtype(arch["dtype"]),
-                    init=arch.get("init"), seed=0, quantize_bits=arch.get("quantize_bits"))
+        model = _build(arch)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{path}: architecture: {exc}") from None
     params = data["params"]
@@ -286,7 +281,7 @@ def load_model(path: str | os.PathLike) -> MLP:
                          f"{model.params.dtype}")
     if params.shape != model.params.shape:
         raise InputError(f"{path}: params has shape {params.shape}, architecture "
-                         f"{arch['sizes']} needs ({model.params.size},)")
+                         f"{arch.get('sizes', arch)} needs ({model.params.size},)")
     model.params[...] = params
     model.meta = dict(header.get("meta", {}))
     model.meta.update({k[len("meta/"):]: v for k, v in data.items() if k.startswith("meta/")})

@@ -7,10 +7,17 @@ is copied between backward and the update.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
+
+from ..atomic import atomic_path
+
+MODEL_FORMAT = 1
 
 
 class ParamBuffer:
@@ -61,10 +68,15 @@ class ParamBuffer:
 
 
 class FlatModel:
-    """What every model over one `ParamBuffer` (``self.buffer``) exposes.
+    """What every model over one `ParamBuffer` (``self.buffer``) exposes — the one protocol
+    the runtime, checkpoints, ``model.npz``, evaluate, predict and gradcheck rely on.
 
     Subclasses name their layers' parameters in `layer_params` (layer order);
-    the flat buffers, named views and per-layer slices follow from it.
+    the flat buffers, named views and per-layer slices follow from it. They also provide
+    ``forward(x) → ŷ`` on rows ``x (batch, n_in)`` giving ``(batch, n_out)``,
+    ``backward(dy, on_layer_done=None)``, ``loss_and_grad(x, y, loss, denom)``,
+    ``predict(x)``, ``activation_bytes()``, ``release_()`` and ``architecture()`` (a JSON
+    mapping `load_model` rebuilds the model from).
     """
 
     buffer: ParamBuffer
@@ -103,3 +115,25 @@ class FlatModel:
     def zero_grad_(self) -> None:
         """Zero the gradient buffer in place."""
         self.buffer.zero_grad_()
+
+    def architecture(self) -> dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+             arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Write an ``.npz`` without pickles: params, architecture + `meta` as JSON bytes.
+
+        Written through `distbackprop.atomic`, so a reader never sees half a model.
+        """
+        meta = dict(meta or {})
+        # Arrays in `meta` (e.g. standardization mean/std) travel as npz members.
+        meta_arrays = {k: meta.pop(k) for k in list(meta) if isinstance(meta[k], np.ndarray)}
+        header = {"format": MODEL_FORMAT, "architecture": self.architecture(), "meta": meta}
+        payload = {"params": self.params,
+                   "header_json": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+        payload.update({f"meta/{k}": v for k, v in meta_arrays.items()})
+        for k, v in (arrays or {}).items():
+            payload[f"extra/{k}"] = np.asarray(v)
+        # A file object, not a name: np.savez appends ".npz" to names lacking it.
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **payload)

@@ -17,6 +17,7 @@ readout.b``); layer names for metrics are ``rnn`` and ``readout``. Batch-first a
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -163,6 +164,126 @@ class RNN(FlatModel):
     def release_(self) -> None:
         self._X = self._H = None
         self.readout.release_()
+
+
+SEQUENCE_TARGETS = ("last", "every")
+TIME_BUCKETS = 4  # time buckets reported per step: few, so metric labels stay few
+
+
+class SequenceRNN(RNN):
+    """The RNN as a flat-row model — what the runtime, ``model.npz``, evaluate and predict use.
+
+    A row ``x (n_steps·n_in,)`` is a sequence stored step-major (x[t·F + f] = x_t[f], the
+    row-major flattening of a ``fixed_size_list<fixed_size_list<float, F>, T>`` cell), so
+    ``x (batch, T·F)`` is viewed, without a copy, as ``(batch, T, F)``.
+
+    ``sequence_target="last"``: ŷ = W_o h_T + b_o, shape (batch, n_out) — classification or
+    regression of the whole sequence; ∂L/∂ŷ_t = 0 for t < T.
+    ``"every"``: ŷ (batch, T·n_out), ŷ[:, t·k + j] = (W_o h_t + b_o)_j — a forecast per step,
+    the loss summed over steps (Σ_rows Σ_t ℓ / denom).
+    ``truncate=k``: BPTT cut every k steps (see the module docstring); None = full BPTT.
+    The cell is tanh; `time_sq` (T,) holds Σ_rows ‖∂L/∂h_t‖² of the last backward.
+    """
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int, n_steps: int,
+                 sequence_target: str = "last", truncate: int | None = None, dtype=np.float64,
+                 seed: int | None = 0, recurrent_gain: float = 0.9):
+        if sequence_target not in SEQUENCE_TARGETS:
+            raise ValueError(f"sequence_target: {sequence_target!r} is not one of "
+                             f"{', '.join(SEQUENCE_TARGETS)}")
+        if int(n_steps) <= 0:
+            raise ValueError(f"n_steps: must be > 0, got {n_steps}")
+        if truncate is not None and int(truncate) < 1:
+            raise ValueError(f"truncate: must be ≥ 1 step, got {truncate}")
+        super().__init__(n_in, n_hidden, n_out, dtype=dtype, seed=seed,
+                         recurrent_gain=recurrent_gain)
+        self.n_steps, self.sequence_target = int(n_steps), sequence_target
+        self.truncate = None if truncate is None else int(truncate)
+        self.recurrent_gain = float(recurrent_gain)
+        self.time_buckets = list(bucket_time_norms(np.zeros(self.n_steps), TIME_BUCKETS))
+        self.time_sq = np.zeros(self.n_steps)
+
+    @property
+    def row_width(self) -> int:
+        return self.n_steps * self.n_in
+
+    @property
+    def output_width(self) -> int:
+        return self.n_out if self.sequence_target == "last" else self.n_steps * self.n_out
+
+    def forward(self, x: np.ndarray, h0: np.ndarray | None = None) -> np.ndarray:
+        """x: (batch, T·F) → ŷ: (batch, n_out) [last] or (batch, T·n_out) [every]."""
+        x = np.asarray(x, dtype=self.dtype)
+        if x.ndim != 2 or x.shape[1] != self.row_width:
+            raise ValueError(f"SequenceRNN.forward: x must be (batch, {self.row_width}) = "
+                             f"(batch, T={self.n_steps} × F={self.n_in}), got {x.shape}")
+        B = x.shape[0]
+        y = RNN.forward(self, x.reshape(B, self.n_steps, self.n_in), h0)
+        if self.sequence_target == "last":
+            return np.ascontiguousarray(y[:, -1, :])
+        return y.reshape(B, self.n_steps * self.n_out)
+
+    def backward(self, dy: np.ndarray, on_layer_done=None, truncate: int | None = None
+                 ) -> np.ndarray:
+        """dy = ∂L/∂ŷ in `forward`'s output shape. Fills `grads` (overwrites) and `time_sq`.
+
+        `on_layer_done(name)` fires per layer once its gradient is final (all at the end:
+        BPTT finishes dW_x, dW_h together), for the bucketed allreduce.
+        """
+        dy = np.asarray(dy, dtype=self.dtype)
+        B = dy.shape[0]
+        full = np.zeros((B, self.n_steps, self.n_out), dtype=self.dtype)
+        if self.sequence_target == "last":
+            full[:, -1, :] = dy
+        else:
+            full[...] = dy.reshape(B, self.n_steps, self.n_out)
+        dh0 = RNN.backward(self, full, truncate=self.truncate if truncate is None else truncate)
+        np.square(self.time_grad_norms, out=self.time_sq)
+        if on_layer_done is not None:
+            for name in reversed(self.layer_names):
+                on_layer_done(name)
+        return dh0
+
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, loss: str = "mse",
+                      denom: float | None = None, on_layer_done=None,
+                      label_smoothing: float = 0.0) -> float:  # type: ignore[override]
+        """Forward, loss, BPTT on flat rows. Returns Σ_rows ℓ / denom (denom: batch by default;
+        data-parallel workers pass the global batch size); `grads` ← ∂L/∂θ."""
+        y_hat = self.forward(x)
+        d = float(denom if denom is not None else max(x.shape[0], 1))
+        dy = np.empty(y_hat.shape, dtype=self.dtype)
+        value = _loss_and_grad(loss, np.ascontiguousarray(y_hat), np.asarray(y), d, dy,
+                               label_smoothing)
+        self.backward(dy, on_layer_done)
+        return value
+
+    def bucket_norms(self, time_sq: np.ndarray | None = None) -> np.ndarray:
+        """(len(time_buckets),) RMS of ‖∂L/∂h_t‖ over each bucket's steps, from Σ‖∂L/∂h_t‖²
+        (T,) — this model's last backward, or the sum over ranks when given."""
+        sq = self.time_sq if time_sq is None else time_sq
+        return np.array(list(bucket_time_norms(np.sqrt(sq), TIME_BUCKETS).values()))
+
+    def predict(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """ŷ for all rows of x, in batches; a new (n, output_width) array."""
+        out = np.empty((x.shape[0], self.output_width), dtype=self.dtype)
+        for i in range(0, x.shape[0], batch):
+            out[i:i + batch] = self.forward(x[i:i + batch])
+        self.release_()
+        return out
+
+    def architecture(self) -> dict[str, Any]:
+        return {"kind": "rnn", "n_in": self.n_in, "n_hidden": self.n_hidden,
+                "n_out": self.n_out, "n_steps": self.n_steps,
+                "sequence_target": self.sequence_target, "truncate": self.truncate,
+                "recurrent_gain": self.recurrent_gain, "dtype": self.dtype.name}
+
+
+def time_ratio(bucket_norms: np.ndarray) -> float:
+    """First time bucket / last: ≪ 1 when the gradient reaching early steps has vanished."""
+    b = np.asarray(bucket_norms, dtype=np.float64)
+    if b.size == 0 or not b[-1] > 0:
+        return math.nan
+    return float(b[0] / b[-1])
 
 
 def bucket_time_norms(norms: np.ndarray, buckets: int = 4) -> dict[str, float]:

@@ -53,21 +53,32 @@ class ShardedGradient:
         self.ctrl = np.zeros(2 + 2 * L)  # [Σ loss, Σ flags, Σg² per layer, non-finite per layer]
         self.max_abs = np.zeros(1)
 
-    def reduce_(self, comm, full_grads: np.ndarray, local_loss: float, bad_loss: bool
-                ) -> tuple[float, dict, bool]:
-        """(global loss, health of the whole reduced gradient, skip) — every rank alike."""
+    def reduce_(self, comm, full_grads: np.ndarray, local_loss: float, bad_loss: bool,
+                extra: np.ndarray | None = None) -> tuple[float, dict, bool]:
+        """(global loss, health of the whole reduced gradient, skip) — every rank alike.
+
+        `extra` (e.g. an RNN's per-time Σ‖∂L/∂h_t‖²) is SUM-reduced in place in the same
+        control allreduce."""
         comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
         h = grad_health(self.grads, self.shard.layer_slices)
-        L, c = self.L, self.ctrl
+        L = self.L
+        n_extra = 0 if extra is None else extra.size
+        if self.ctrl.size != 2 + 2 * L + n_extra:
+            self.ctrl = np.zeros(2 + 2 * L + n_extra)
+        c = self.ctrl
         c[0] = local_loss
         c[1] = 1.0 if bad_loss else 0.0
         c[2:2 + L] = np.square(h["grad_norm"])
-        c[2 + L:] = h["nonfinite_per_layer"]
+        c[2 + L:2 + 2 * L] = h["nonfinite_per_layer"]
+        if extra is not None:
+            c[2 + 2 * L:] = extra
         comm.allreduce_(c)
+        if extra is not None:
+            extra[...] = c[2 + 2 * L:]
         m = h["grad_max_abs"]
         self.max_abs[0] = -np.inf if m != m else m  # a block with no finite entry: no vote
         comm.allreduce_(self.max_abs, op="max")
-        health = health_from_sums(c[2:2 + L], float(self.max_abs[0]), c[2 + L:])
+        health = health_from_sums(c[2:2 + L], float(self.max_abs[0]), c[2 + L:2 + 2 * L])
         skip = c[1] > 0 or health["nonfinite"] > 0 or not np.isfinite(health["grad_global_norm"])
         return float(c[0]), health, bool(skip)
 

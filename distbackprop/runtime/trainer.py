@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from .coordinator import Commit, Coordinator, State, TrainingFailed, summarize_losses
 from .elastic import ElasticSize, FixedSize
 from .group import GroupSpec, LocalGroup, RayGroup, WorkerGroup
+from .models import data_problems, time_buckets
 from .placement import make_placement
 from .rundir import Checkpoint, RunDir
 from .signals import StopRequest
@@ -34,7 +35,7 @@ from .worker import ReplicaSpec
 # Config fields that define the model and the data order: a resumed run must not change them.
 _RESUME_FIXED = ("hidden", "activation", "init", "dtype", "seed", "batch_size", "loss",
                  "optimizer", "data", "target", "features", "task", "standardize",
-                 "val_fraction", "val_data")
+                 "val_fraction", "val_data", "model", "bptt_truncate", "sequence_target")
 
 GroupFactory = Callable[[GroupSpec, int], WorkerGroup]
 
@@ -123,10 +124,12 @@ class Trainer:
         if cfg.streaming and cfg.min_workers != cfg.max_workers:
             problems.append("workers: an elastic MIN:MAX group needs in-memory data (the "
                             "streaming split depends on the number of workers)")
+        problems += data_problems(cfg, bundle)  # --model rnn: a sequence column, its target
         if problems:
             raise ConfigError(problems)
         n_out = output_size(loss, bundle.task, bundle.n_outputs)
-        spec = ReplicaSpec(cfg, bundle.n_features, n_out, loss, 0, bundle.stream)
+        spec = ReplicaSpec(cfg, bundle.n_features, n_out, loss, 0, bundle.stream,
+                           bundle.sequence)
         b = spec.batcher(bundle.x_train, bundle.y_train, 0, cfg.world_size)
         spe = b.steps_per_epoch
         if hasattr(b, "close"):
@@ -136,7 +139,8 @@ class Trainer:
             raise ConfigError(f"resume: the checkpoint is at step {resume.step}, already at or "
                               f"past the {total} steps asked for (raise --max-steps or "
                               "--epochs)")
-        spec = ReplicaSpec(cfg, bundle.n_features, n_out, loss, total, bundle.stream)
+        spec = ReplicaSpec(cfg, bundle.n_features, n_out, loss, total, bundle.stream,
+                           bundle.sequence)
         return PreparedRun(cfg, bundle, spec, spe, run_dir, resume)
 
     # --------------------------------------------------------------------- the run
@@ -147,7 +151,8 @@ class Trainer:
         prep = prep if prep is not None else self.prepare()
         cfg = prep.config
         model = prep.spec.build_model()
-        exporter = MetricsExporter.from_config(cfg, model.layer_names)
+        exporter = MetricsExporter.from_config(cfg, model.layer_names,
+                                               time_buckets=time_buckets(model))
         stop = StopRequest()
         started_ray = False
         observer: RunObserver | None = None
@@ -228,7 +233,7 @@ class RunObserver:
         from ..metrics.memory import model_bytes
 
         self.prep, self.cfg, self.model, self.exporter = prep, prep.config, model, exporter
-        self.history = HistoryWriter(model.layer_names)
+        self.history = HistoryWriter(model.layer_names, time_buckets(model))
         self.memory = MemoryHistory()
         self.restarts = 0
         self.resizes = 0

@@ -19,10 +19,11 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..metrics.health import StepStats, grad_health
-from ..nn import MLP
 from ..nn.losses import loss_and_grad
 from ..nn.model import loss_grad_buffer
+from ..nn.params import FlatModel
 from ..optim import UpdateRule
+from .models import build_model
 from .step import Gradient, SkipPolicy, run_steps_
 
 
@@ -36,15 +37,13 @@ class ReplicaSpec:
     loss: str
     total_steps: int
     stream: Any = None  # a StreamPlan in --streaming mode
+    sequence: tuple[int, int] | None = None  # (T, F) of sequence rows (--model rnn)
 
-    def build_model(self) -> MLP:
-        """The configured MLP, initialised from `config.seed` (identical on every replica)."""
-        c = self.config
-        return MLP([self.n_in, *c.hidden, self.n_out], activation=c.activation,
-                   dtype=np.dtype(c.dtype), seed=c.seed, init=c.resolved_init,
-                   quantize_bits=c.quantize_bits)
+    def build_model(self) -> FlatModel:
+        """The configured model (`models.build_model`), seeded alike on every replica."""
+        return build_model(self.config, self.n_in, self.n_out, self.sequence)
 
-    def build_rule(self, model: MLP, shard: tuple[int, int] | None = None) -> UpdateRule:
+    def build_rule(self, model: FlatModel, shard: tuple[int, int] | None = None) -> UpdateRule:
         """The coordinator's update rule over `model`'s flat buffer (or its block `shard`),
         one segment per layer."""
         return UpdateRule.from_config(self.config, model.params.size, model.dtype,
@@ -103,7 +102,12 @@ class Worker:
         self.policy = spec.skip_policy()
         self.batcher = spec.batcher(x, y, rank, world)
         self.steps_per_epoch = self.batcher.steps_per_epoch
-        self._ctrl = np.zeros(2, dtype=np.float64)  # [Σ local loss, Σ non-finite flags]
+        # [Σ local loss, Σ non-finite flags] + for --model rnn Σ_rows ‖∂L/∂h_t‖² (T,): the
+        # per-time squared norms are sums over batch rows, so their SUM over the ranks' row
+        # slices is the one-process value — reduced in this same allreduce, then sqrt.
+        self._time_sq = getattr(self.model, "time_sq", None)
+        n_time = 0 if self._time_sq is None else self._time_sq.size
+        self._ctrl = np.zeros(2 + n_time, dtype=np.float64)
         self._t = np.zeros(5)  # phase boundaries of the current step (perf_counter)
         self._phases = np.zeros(4)
         self._stats = StepStats(1, self.model.layer_names)
@@ -198,7 +202,9 @@ class Worker:
         t[3] = time.perf_counter()
         if self._sharded_grad is not None:
             loss, h, skip = self._sharded_grad.reduce_(self.comm, self.model.grads, local_loss,
-                                                       not math.isfinite(local_loss))
+                                                       not math.isfinite(local_loss),
+                                                       extra=self._time_sq)
+            self._add_time_norms(h, self._time_sq)
             t[4] = time.perf_counter()
             np.subtract(t[1:], t[:-1], out=self._phases)
             return Gradient(loss, samples, self._sharded_grad.grads, h, skip, self._phases)
@@ -210,11 +216,20 @@ class Worker:
         self._ctrl[0] = local_loss
         self._ctrl[1] = 0.0 if (math.isfinite(local_loss) and not h["nonfinite"]
                                 and math.isfinite(h["grad_global_norm"])) else 1.0
+        if self._time_sq is not None:
+            self._ctrl[2:] = self._time_sq
         self.comm.allreduce_(self._ctrl)
+        self._add_time_norms(h, None if self._time_sq is None else self._ctrl[2:])
         t[4] = time.perf_counter()  # the allreduce phase includes health and the decision
         np.subtract(t[1:], t[:-1], out=self._phases)
         return Gradient(float(self._ctrl[0]), samples, self.model.grads, h,
                         bool(self._ctrl[1] > 0), self._phases)
+
+    def _add_time_norms(self, health: dict, time_sq: np.ndarray | None) -> None:
+        """--model rnn: health["time_grad_norm"] ← per-bucket RMS ‖∂L/∂h_t‖ from the reduced
+        Σ‖∂L/∂h_t‖² (T,); StepStats records it like the per-layer norms."""
+        if time_sq is not None:
+            health["time_grad_norm"] = self.model.bucket_norms(time_sq)
 
     def sharpness(self, step: int) -> float:
         """Top Hessian eigenvalue on this step's global batch (collective: every rank calls it).

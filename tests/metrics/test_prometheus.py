@@ -34,6 +34,9 @@ WORKERS = {0: {"rss_bytes": 111_000_000, "activation_bytes": 1_000,
                "peak_rss_bytes": 150_000_000},
            1: {"rss_bytes": 222_000_000, "activation_bytes": 2_000,
                "peak_rss_bytes": 250_000_000}}
+# An RNN's per-time-bucket gradient norms (the dashboard's time panel needs a series).
+TIME_BUCKETS = ["t1-5", "t6-10", "t11-15", "t16-20"]
+TIME_NORMS = [1e-4, 1e-3, 1e-2, 0.1]
 # What Grafana substitutes for $__rate_interval at a 1 s scrape interval is ≥ 4 s.
 RATE_INTERVAL = "5s"
 
@@ -53,7 +56,7 @@ def test_promtool_check_config():
 def test_promtool_check_rules():
     out = _promtool("check", "rules", "alerts.yml")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "8 rules found" in out.stdout
+    assert "9 rules found" in out.stdout
 
 
 def test_promtool_test_rules_cover_every_alert_firing_and_not():
@@ -63,7 +66,7 @@ def test_promtool_test_rules_cover_every_alert_firing_and_not():
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
     assert alerts == {"GradientExploding", "GradientVanishing", "NonFiniteGradients",
                       "StepsSkipped", "WorkerMemoryHigh", "TrainingStalled", "WorkerRestarts",
-                      "RunBelowMaxWorkers"}
+                      "RunBelowMaxWorkers", "GradientVanishingOverTime"}
     tests = yaml.safe_load((DEPLOY_PROMETHEUS / "alerts_test.yml").read_text())["tests"]
     fires, silent = set(), set()
     for t in tests:
@@ -159,6 +162,7 @@ class Feeder:
                 chunk = synthetic_chunk(step, 10, NORMS, rng, nonfinite_steps=[3]
                                         if step % 100 == 0 else [], skipped_steps=[3]
                                         if step % 100 == 0 else [])
+                chunk["time_grad_norm"] = np.tile(TIME_NORMS, (len(chunk["step"]), 1))
                 self.exporter.record_chunk(chunk, 1e-7, 1e3)
                 self.exporter.record_workers(WORKERS)
                 step += 10
@@ -179,7 +183,8 @@ class Feeder:
 def live(tmp_path_factory):
     binary = require_tool("prometheus")
     tmp = tmp_path_factory.mktemp("prom")
-    exporter = MetricsExporter(LAYERS, registry=CollectorRegistry(), port=0)
+    exporter = MetricsExporter(LAYERS, registry=CollectorRegistry(), port=0,
+                               time_buckets=TIME_BUCKETS)
     exporter.start()
     exporter.set_workers(len(WORKERS))
     exporter.set_model_bytes({"params": 800, "grads": 800, "optimizer": 1600})
@@ -238,7 +243,8 @@ def test_alert_rules_load_and_evaluate_cleanly(live):
     assert {r["name"] for r in rules} == {"GradientExploding", "GradientVanishing",
                                           "NonFiniteGradients", "StepsSkipped",
                                           "WorkerMemoryHigh", "TrainingStalled",
-                                          "WorkerRestarts", "RunBelowMaxWorkers"}
+                                          "WorkerRestarts", "RunBelowMaxWorkers",
+                                          "GradientVanishingOverTime"}
     bad = [(r["name"], r.get("lastError")) for r in rules if r.get("health") != "ok"]
     assert not bad, bad
     # exploding dense2 turns the alert pending (its hold is 1 minute) once the rule
