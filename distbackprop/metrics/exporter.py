@@ -154,13 +154,7 @@ class MetricsExporter:
                                 ["worker"], registry=r)
         self.model = Gauge("distbackprop_model_bytes", "Model bytes by kind", ["kind"],
                            registry=r)
-        self.workers = Gauge("distbackprop_workers", "Workers in the current group", registry=r)
-        self.workers_max = Gauge("distbackprop_workers_max", "The most workers the run may use "
-                                 "(--workers N or the MAX of MIN:MAX)", registry=r)
-        self.restarts = Counter("distbackprop_worker_restarts_total",
-                                "Worker-group restarts, by reason", ["reason"], registry=r)
-        for reason in RESTART_REASONS:  # every reason exported from the start, at 0
-            self.restarts.labels(reason=reason)
+        self._group_metrics(r)
         self.step = Gauge("distbackprop_step", "Last completed step", registry=r)
         self.epoch = Gauge("distbackprop_epoch", "Epoch of the last completed step", registry=r)
         self.lr = Gauge("distbackprop_lr", "Learning rate of the last step", registry=r)
@@ -185,6 +179,16 @@ class MetricsExporter:
         self._exploding = [self.exploding.labels(layer=x) for x in self.layers]
         for kind in MODEL_KINDS:
             self.model.labels(kind=kind)
+
+    def _group_metrics(self, r: CollectorRegistry) -> None:
+        """The worker group: its size, the most it may have, and restarts by reason."""
+        self.workers = Gauge("distbackprop_workers", "Workers in the current group", registry=r)
+        self.workers_max = Gauge("distbackprop_workers_max", "The most workers the run may use "
+                                 "(--workers N or the MAX of MIN:MAX)", registry=r)
+        self.restarts = Counter("distbackprop_worker_restarts_total",
+                                "Worker-group restarts, by reason", ["reason"], registry=r)
+        for reason in RESTART_REASONS:  # every reason exported from the start, at 0
+            self.restarts.labels(reason=reason)
 
     def _time_metrics(self, r: CollectorRegistry, time_buckets: Sequence[str]) -> None:
         """--model rnn: ‖∂L/∂h_t‖ folded into a few time buckets (labels like "t1-25"), and
