@@ -86,3 +86,16 @@ def test_an_unreachable_address_is_exit_1_naming_it(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert f"cannot join the Ray cluster at {addr}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_token_auth_refuses_a_ray_older_than_2_52(monkeypatch):
+    import ray
+
+    from distbackprop.errors import ConfigError
+    from distbackprop.runtime.raysession import start_ray
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setattr(ray, "__version__", "2.51.0")
+    with pytest.raises(ConfigError, match=r"RAY_AUTH_MODE=token needs Ray >= 2.52; this is "
+                                          r"Ray 2.51.0"):
+        start_ray(None, 1)
+    assert not ray.is_initialized()
