@@ -98,4 +98,3 @@ def test_token_auth_refuses_a_ray_older_than_2_52(monkeypatch):
     with pytest.raises(ConfigError, match=r"RAY_AUTH_MODE=token needs Ray >= 2.52; this is "
                                           r"Ray 2.51.0"):
         start_ray(None, 1)
-    assert not ray.is_initialized()
