@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .threads import BLAS_THREAD_TIMEOUT, blas_env  # noqa: F401 - re-exported
+from .threads import blas_env  # noqa: F401 - re-exported
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 

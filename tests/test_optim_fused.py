@@ -240,6 +240,7 @@ def test_blas_env() -> None:
     from distbackprop.optim import blas_env
     env = blas_env(3)
     assert env["OPENBLAS_NUM_THREADS"] == env["NUMBA_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "3"
-    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert "OPENBLAS_THREAD_TIMEOUT" not in env
+    assert blas_env(1, thread_timeout=4)["OPENBLAS_THREAD_TIMEOUT"] == "4"
     assert env["NUMBA_THREADING_LAYER"] == "workqueue"
     assert blas_env(0)["OPENBLAS_NUM_THREADS"] == "1"
