@@ -26,12 +26,14 @@ def main(argv: list[str]) -> None:
     from distbackprop import TrainConfig
     from distbackprop.runtime import group as group_mod
     from distbackprop.runtime.group import GroupSpec, RayGroup
+    from distbackprop.runtime.worker import ReplicaSpec
 
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     cfg = TrainConfig(workers=workers, placement="spread", hidden=(8,), max_steps=4,
                       metrics_port=0, quiet=True)
-    spec = GroupSpec(cfg, None, 10, "cross_entropy", 4)
+    # the embedded digits: 64 features, 10 classes (each actor reads them itself)
+    spec = GroupSpec(ReplicaSpec(cfg, 64, 10, "cross_entropy", 4))
 
     # Time the rendezvous on its own: RayGroup.start gathers each phase through _gather.
     phases: dict[str, float] = {}
@@ -45,7 +47,7 @@ def main(argv: list[str]) -> None:
             phases[what] = phases.get(what, 0.0) + time.monotonic() - t
 
     RayGroup._gather = timed_gather
-    group = RayGroup(spec, rendezvous_timeout=60)
+    group = RayGroup(spec, workers, rendezvous_timeout=60)
     t0 = time.monotonic()
     group.start()
     start_s = time.monotonic() - t0
