@@ -84,7 +84,7 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
     c = restore_nodes
     c.kill_node("n3")  # two 1-CPU nodes: room for exactly MAX = 2
     c.wait_node_dead("n3")
-    c.wait_nodes_alive(2)  # n1 and n2 (a node an earlier test restored may still be joining)
+    c.wait_nodes_alive(3)  # head, n1, n2 (a node an earlier test restored may still be joining)
     args = ("--dtype", "float64", "--max-steps", "20000", "--chunk-steps", "50", "--hidden",
             "16", "--seed", "5")
     # the one-process result: what any fixed worker count computes, up to summation order
