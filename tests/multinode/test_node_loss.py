@@ -85,8 +85,16 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
     c.kill_node("n3")  # two 1-CPU nodes: room for exactly MAX = 2
     c.wait_node_dead("n3")
     c.wait_nodes_alive(3)  # head, n1, n2 (a node an earlier test restored may still be joining)
+    # and no worker of an earlier run still holds a CPU (Ray reaps them asynchronously):
+    # the run must start with MAX = 2 for the shrink to show
+    deadline = time.monotonic() + 60
+    while any(a["state"] != "DEAD" for a in c.actor_table("_ActorBody")):
+        assert time.monotonic() < deadline, "workers of earlier runs are still alive"
+        time.sleep(0.5)
+    # a commit with every chunk, so the history keeps the first 2-worker stretch (a recovery
+    # rewinds the history to the last commit)
     args = ("--dtype", "float64", "--max-steps", "20000", "--chunk-steps", "50", "--hidden",
-            "16", "--seed", "5")
+            "16", "--seed", "5", "--commit-seconds", "0")
     # the one-process result: what any fixed worker count computes, up to summation order
     ref = train(None, tmp_path / "ref", "--local", *args)
     assert ref.returncode == 0, ref.stderr[-3000:]
