@@ -106,6 +106,8 @@ def test_no_function_longer_than_the_limit():
 
 
 def test_no_citation_of_documents_outside_the_repository():
+    # the team's design notes live outside the repository: the README is the reference
+    outside = [name + ".md" for name in ("CONTRACT", "ARCHITECTURE")]
     for p in PKG.rglob("*.py"):
         text = p.read_text()
-        assert "CONTRACT.md" not in text and "ARCHITECTURE.md" not in text, p
+        assert not any(n in text for n in outside), p
