@@ -66,6 +66,12 @@ def main(argv: list[str]) -> None:
                              placement_group=pg, placement_group_bundle_index=i)).remote()
              for i in range(2)]
     where = ray.get([p.where.remote() for p in peers], timeout=60)
+    # Rank 0 (the acceptor) on the driver's node, in the host's namespaces: the bundles of
+    # a spread group land in either order, and which side accepts decides whether shared
+    # memory across the namespaces fails (it does with the acceptor on the host).
+    if where[0]["node_id"] != ray.get_runtime_context().get_node_id():
+        peers.reverse()
+        where.reverse()
     port = ray.get(peers[0].open_port.remote(2), timeout=60)
     t0 = time.monotonic()
     outs = ray.get([p.join.remote(port, i, 2, timeout) for i, p in enumerate(peers)],
