@@ -169,13 +169,9 @@ class MLP(Sequential):
     def n_out(self) -> int:
         return self.sizes[-1]
 
-    def predict(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """ŷ for all rows of x, in batches; returns a new (n, n_out) array."""
-        out = np.empty((x.shape[0], self.n_out), dtype=self.dtype)
-        for i in range(0, x.shape[0], batch):
-            out[i:i + batch] = self.forward(x[i:i + batch])
-        self.release_()
-        return out
+    @property
+    def output_width(self) -> int:
+        return self.n_out
 
     def architecture(self) -> dict[str, Any]:
         return {"sizes": self.sizes, "activation": self.activation, "init": self.init,

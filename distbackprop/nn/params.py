@@ -108,6 +108,19 @@ class FlatModel:
     def named_grads(self) -> dict[str, np.ndarray]:
         return self.buffer.named_grads()
 
+    @property
+    def output_width(self) -> int:
+        """Columns of `forward`'s ŷ per row."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def predict(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """ŷ for all rows of x, in batches; a new (n, output_width) array."""
+        out = np.empty((x.shape[0], self.output_width), dtype=self.dtype)
+        for i in range(0, x.shape[0], batch):
+            out[i:i + batch] = self.forward(x[i:i + batch])
+        self.release_()
+        return out
+
     def layer_slices(self) -> dict[str, slice]:
         """{layer: slice} over the flat buffers, covering all of that layer's parameters."""
         return {n: self.buffer.span(names) for n, names in self.layer_params().items()}

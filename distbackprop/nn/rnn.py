@@ -263,14 +263,6 @@ class SequenceRNN(RNN):
         sq = self.time_sq if time_sq is None else time_sq
         return np.array(list(bucket_time_norms(np.sqrt(sq), TIME_BUCKETS).values()))
 
-    def predict(self, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """ŷ for all rows of x, in batches; a new (n, output_width) array."""
-        out = np.empty((x.shape[0], self.output_width), dtype=self.dtype)
-        for i in range(0, x.shape[0], batch):
-            out[i:i + batch] = self.forward(x[i:i + batch])
-        self.release_()
-        return out
-
     def architecture(self) -> dict[str, Any]:
         return {"kind": "rnn", "n_in": self.n_in, "n_hidden": self.n_hidden,
                 "n_out": self.n_out, "n_steps": self.n_steps,
