@@ -28,7 +28,7 @@ import numpy as np
 from ..config import TrainConfig
 from .elastic import CapacityTimeout, FixedSize
 from .group import ChunkAbandoned, WorkerFailure, WorkerGroup
-from .placement import Placement, ReplicasDiverged
+from .placement import Placement, ReplicasDiverged, run_chunk
 from .step import SkipPolicy
 
 
@@ -157,14 +157,33 @@ class RunStats:
     chunks: list[tuple[int, float, float]] = field(default_factory=list)
 
     def coordination_seconds_per_step(self) -> float | None:
-        """Median over chunks (the first, a warm-up, left out) of (wall − Σ step time)/steps:
-        what dispatch, checksums, the state commit and metrics add to each step."""
-        per = [(w - s) / n for n, w, s in self.chunks[1:] if n]
-        return float(np.median(per)) if per else None
+        """Σ(wall − Σ step time) / Σ steps over the chunks after the first (a warm-up): what
+        dispatch, bookkeeping, checksums and state commits add to each step, on average.
+        A chunk's wall runs from when it could start (its submission, or the previous
+        chunk's results if it was queued behind them) to when its results arrived."""
+        rest = [c for c in self.chunks[1:] if c[0]]
+        steps = sum(n for n, _, _ in rest)
+        return sum(w - s for _, w, s in rest) / steps if steps else None
+
+
+@dataclass
+class _Pending:
+    """A chunk submitted to the group and not yet collected."""
+
+    start: int
+    k: int
+    handle: Any
+    submitted: float  # time.time()
 
 
 class Coordinator:
-    """Drives a `WorkerGroup` from `commit.step` to `total_steps`."""
+    """Drives a `WorkerGroup` from `commit.step` to `total_steps`.
+
+    When the placement allows it (`Placement.pipelines`: Ray workers with the update on
+    the workers), the next chunk is queued before the current one's results arrive, so
+    the workers never wait for the coordinator's bookkeeping or for the round trip; a
+    failure or a stop discards or drains that queued chunk.
+    """
 
     def __init__(self, config: TrainConfig, group_factory: Callable[[int], WorkerGroup],
                  placement: Placement, total_steps: int, commit: Commit,
@@ -196,6 +215,8 @@ class Coordinator:
         self.worker_pids: list[int] = []  # every worker process started, for leak checks
         self.sizer = sizer or FixedSize(config.world_size)
         self._next_size: int | None = None
+        self._queued: _Pending | None = None  # the chunk queued behind the one collected
+        self._last_done = 0.0  # time.time() when the last chunk's results arrived
 
     @property
     def commit(self) -> Commit:
@@ -252,7 +273,7 @@ class Coordinator:
         never joins) counts against `--max-failures` like one during training.
         """
         try:
-            while self.step < self.total_steps and self.stop() is None:
+            while (self.step < self.total_steps and self.stop() is None) or self._queued:
                 try:
                     if self.group is None:
                         self._start_group()
@@ -265,6 +286,7 @@ class Coordinator:
                 except WorkerFailure as exc:
                     self._recover(exc)
                 except ChunkAbandoned:
+                    self._queued = None
                     self._rewind()  # the group is mid-chunk: the last commit is what holds
                     break
             if self.group is not None:
@@ -294,6 +316,7 @@ class Coordinator:
         if new is None or new <= self.group.size:
             return
         old = self.group.size
+        self._drain()
         self._commit_now()
         self.keeper = CommitKeeper(self.keeper.safe())  # on this node before the group goes
         self.group.shutdown(graceful=True)
@@ -307,6 +330,7 @@ class Coordinator:
         from the newest commit that is safe on this node."""
         self.failures += 1
         self._t_fail = time.monotonic()
+        self._queued = None
         if self.group is not None:
             self.group.shutdown()
             self.group = None
@@ -347,20 +371,42 @@ class Coordinator:
     def _commit_now(self) -> None:
         """A commit at the current step, if the newest is older (a chunk of 0 steps)."""
         if self.commit.step != self.step:
-            res = self.placement.chunk(self.group, self.step, 0, self.consecutive_skips,
-                                       self._deadline(1), want_state=True)
+            res = run_chunk(self.placement, self.group, self.step, 0, self.consecutive_skips,
+                            self._deadline(1), want_state=True)
             self._offer(res.state)
 
+    def _submit(self, start: int, consecutive: int | None) -> _Pending:
+        k = self._chunk_size(start)
+        t = time.time()
+        handle = self.placement.submit(self.group, start, k, consecutive,
+                                       want_state=self._want_state(start + k))
+        return _Pending(start, k, handle, t)
+
+    def _drain(self) -> None:
+        """Collect the queued chunk, if any (before anything that needs the group idle)."""
+        if self._queued is not None:
+            pending, self._queued = self._queued, None
+            self._collect(pending)
+
     def _run_one_chunk(self) -> None:
-        step = self.step
-        k = self._chunk_size(step)
-        t0 = time.time()
+        """Collect the next chunk; first queue the one after it when the placement allows."""
+        pending, self._queued = self._queued, None
+        if pending is None:
+            pending = self._submit(self.step, self.consecutive_skips)
+        end = pending.start + pending.k
+        if (self._step_estimate is not None and end < self.total_steps
+                and self.stop() is None and self.placement.pipelines(self.group)):
+            self._queued = self._submit(end, None)  # each worker goes on from its own count
+        self._collect(pending)
+
+    def _collect(self, pending: _Pending) -> None:
+        step, k = pending.start, pending.k
+        t0 = max(pending.submitted, self._last_done)
         if self.stats.first_step_start is None:
-            self.stats.first_step_start = t0
-        res = self.placement.chunk(self.group, step, k, self.consecutive_skips,
-                                   self._deadline(k), want_state=self._want_state(step + k))
+            self.stats.first_step_start = pending.submitted
+        res = self.placement.collect(self.group, pending.handle, self._deadline(k))
         stats = res.stats
-        self.stats.last_step_end = time.time()
+        self.stats.last_step_end = self._last_done = time.time()
         n = len(stats["step"])
         self.stats.chunks.append((n, self.stats.last_step_end - t0,
                                   float(stats["step_seconds"].sum())))

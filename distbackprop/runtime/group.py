@@ -55,12 +55,20 @@ class GroupSpec:
 
 class WorkerGroup(Protocol):
     size: int
+    # True: a submitted chunk runs while the coordinator handles the previous one's
+    # results (the workers run chunks in submission order), so a second may be queued.
+    pipelines: bool
 
     def start(self) -> None: ...
-    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
-                  want_state: bool = True) -> tuple[list[dict], Any]:
-        """Per-rank results of steps [start, start+k), and — if `want_state` — the state
-        after them (a dict of arrays or a handle `Commit.resolved` can fetch), else None."""
+    def submit_chunk(self, start: int, k: int, consecutive_skips: int | None,
+                     want_state: bool = True) -> Any:
+        """Start steps [start, start+k) (None: each worker goes on from its own skip count);
+        returns a handle for `collect_chunk`."""
+        ...
+    def collect_chunk(self, pending: Any, deadline: float) -> tuple[list[dict], Any]:
+        """Per-rank results of a submitted chunk, and — if it was submitted `want_state` —
+        the state after it (a dict of arrays or a handle `Commit.resolved` can fetch),
+        else None. Waits at most `deadline` seconds."""
         ...
     def grad_step(self, step: int, params: np.ndarray | None,
                   deadline: float) -> dict[str, Any]: ...
@@ -68,7 +76,22 @@ class WorkerGroup(Protocol):
     def shutdown(self, graceful: bool = False) -> None: ...
 
 
-class LocalGroup:
+class RunsOnCollect:
+    """`submit_chunk`/`collect_chunk` for a group that computes in the caller's process:
+    the chunk runs (`run_chunk`) when it is collected, so nothing is ever in flight."""
+
+    pipelines = False
+
+    def submit_chunk(self, start: int, k: int, consecutive_skips: int | None,
+                     want_state: bool = True) -> tuple:
+        return start, k, consecutive_skips, want_state
+
+    def collect_chunk(self, pending: tuple, deadline: float) -> tuple[list[dict], Any]:
+        start, k, consecutive_skips, want_state = pending
+        return self.run_chunk(start, k, consecutive_skips, deadline, want_state)
+
+
+class LocalGroup(RunsOnCollect):
     """One in-process replica on `LocalComm`: `--local` mode, no Ray, no MPI."""
 
     size = 1
@@ -81,7 +104,7 @@ class LocalGroup:
     def start(self) -> None:
         self.worker = self.spec.build_worker(0, 1, self.x, self.y)
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
+    def run_chunk(self, start: int, k: int, consecutive_skips: int | None, deadline: float,
                   want_state: bool = True) -> tuple[list[dict], Any]:
         res = self.worker.run_chunk(start, k, consecutive_skips)
         res["checksum"] = self.worker.checksum()
@@ -147,7 +170,7 @@ class _ActorBody:
         self.worker.set_comm(comm)
         return comm.size
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int,
+    def run_chunk(self, start: int, k: int, consecutive_skips: int | None,
                   want_state: bool) -> tuple[dict, dict | None]:
         """(statistics, rank 0's state). Called with num_returns=2: the state becomes its
         own object, owned by the coordinator, and is serialized without a copy here
@@ -168,6 +191,8 @@ class _ActorBody:
 
 class RayGroup:
     """N Ray actors in a placement group, joined by one MPI communicator."""
+
+    pipelines = True
 
     def __init__(self, spec: GroupSpec, size: int, rendezvous_timeout: float = 60.0):
         self.spec = spec
@@ -284,11 +309,16 @@ class RayGroup:
         node = getattr(self.pids[0], "node_id", None) if self.pids else None
         return node is not None and node == ray.get_runtime_context().get_node_id()
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
-                  want_state: bool = True) -> tuple[list[dict], Any]:
+    def submit_chunk(self, start: int, k: int, consecutive_skips: int | None,
+                     want_state: bool = True) -> tuple:
+        """Queue the chunk on every actor (each runs its calls in order) and return."""
         pairs = [a.run_chunk.options(num_returns=2).remote(start, k, consecutive_skips,
                                                             want_state)
                  for a in self.actors]
+        return start, k, pairs, want_state
+
+    def collect_chunk(self, pending: tuple, deadline: float) -> tuple[list[dict], Any]:
+        start, k, pairs, want_state = pending
         results = self._gather([p[0] for p in pairs], deadline,
                                f"finish steps {start}..{start + k - 1}")
         return results, (pairs[0][1] if want_state else None)

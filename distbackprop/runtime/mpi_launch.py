@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TrainConfig
-from .group import GroupSpec
+from .group import GroupSpec, RunsOnCollect
 from .signals import StopRequest
 from .trainer import Result, Trainer
 from .worker import Worker
@@ -22,7 +22,7 @@ from .worker import Worker
 CMD_STOP, CMD_CHUNK, CMD_GRAD, CMD_LOAD = 0, 1, 2, 3
 
 
-class MpiRootGroup:
+class MpiRootGroup(RunsOnCollect):
     """The `WorkerGroup` protocol on rank 0 of COMM_WORLD."""
 
     interrupt = None  # rank 0 computes too: its chunk ends within ~1 s
@@ -39,9 +39,10 @@ class MpiRootGroup:
     def start(self) -> None:
         pass
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int, deadline: float,
+    def run_chunk(self, start: int, k: int, consecutive_skips: int | None, deadline: float,
                   want_state: bool = True) -> tuple[list[dict], dict | None]:
-        self._send(CMD_CHUNK, start, k, consecutive_skips, int(want_state))
+        self._send(CMD_CHUNK, start, k, -1 if consecutive_skips is None else consecutive_skips,
+                   int(want_state))
         res = self.worker.run_chunk(start, k, consecutive_skips)
         state = self.worker.state() if want_state else None
         table = _gather_table(self.worker, self.comm)
@@ -92,7 +93,7 @@ def follow(worker: Worker, comm) -> None:
         if op == CMD_STOP:
             return
         if op == CMD_CHUNK:
-            worker.run_chunk(a, b, c)
+            worker.run_chunk(a, b, None if c < 0 else c)
             if d:
                 worker.commit_state()  # collective when the update is sharded
             _gather_table(worker, comm)

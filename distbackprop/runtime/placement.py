@@ -36,8 +36,19 @@ class ReplicasDiverged(RuntimeError):
 
 class Placement(Protocol):
     def restore(self, group: WorkerGroup, step: int, state: Any) -> None: ...
-    def chunk(self, group: WorkerGroup, start: int, k: int, consecutive: int,
-              deadline: float, want_state: bool = True) -> ChunkResult: ...
+    def pipelines(self, group: WorkerGroup) -> bool:
+        """Whether a second chunk may be submitted before the first is collected."""
+        ...
+    def submit(self, group: WorkerGroup, start: int, k: int, consecutive: int | None,
+               want_state: bool = True) -> Any: ...
+    def collect(self, group: WorkerGroup, pending: Any, deadline: float) -> ChunkResult: ...
+
+
+def run_chunk(placement: Placement, group: WorkerGroup, start: int, k: int,
+              consecutive: int | None, deadline: float, want_state: bool = True) -> ChunkResult:
+    """Submit one chunk and wait for it."""
+    return placement.collect(group, placement.submit(group, start, k, consecutive, want_state),
+                             deadline)
 
 
 class Replicated:
@@ -47,9 +58,15 @@ class Replicated:
         if step > 0:  # at step 0 a new group's seeded initialisation is the commit
             group.load_state(state)
 
-    def chunk(self, group: WorkerGroup, start: int, k: int, consecutive: int,
-              deadline: float, want_state: bool = True) -> ChunkResult:
-        results, state = group.run_chunk(start, k, consecutive, deadline, want_state)
+    def pipelines(self, group: WorkerGroup) -> bool:
+        return bool(getattr(group, "pipelines", False))
+
+    def submit(self, group: WorkerGroup, start: int, k: int, consecutive: int | None,
+               want_state: bool = True) -> Any:
+        return group.submit_chunk(start, k, consecutive, want_state)
+
+    def collect(self, group: WorkerGroup, pending: Any, deadline: float) -> ChunkResult:
+        results, state = group.collect_chunk(pending, deadline)
         check_replicas(results)
         first = results[0]
         return ChunkResult(first["stats"], {r["rank"]: r["memory"] for r in results}, state,
@@ -70,8 +87,18 @@ class OnCoordinator:
         self.master[...] = state["params"]
         self.rule.load_state_(state)
 
-    def chunk(self, group: WorkerGroup, start: int, k: int, consecutive: int,
-              deadline: float, want_state: bool = True) -> ChunkResult:
+    def pipelines(self, group: WorkerGroup) -> bool:
+        return False  # each step waits for the group's gradient: nothing to queue
+
+    def submit(self, group: WorkerGroup, start: int, k: int, consecutive: int | None,
+               want_state: bool = True) -> tuple:
+        if consecutive is None:
+            raise ValueError("the coordinator placement runs one chunk at a time: pass the "
+                             "consecutive-skip count")
+        return start, k, consecutive, want_state
+
+    def collect(self, group: WorkerGroup, pending: tuple, deadline: float) -> ChunkResult:
+        start, k, consecutive, want_state = pending
         source = _GroupGradient(group, self.master, deadline)
         consecutive = run_steps_(source, self.rule, self.master, start, k,
                                  self.steps_per_epoch, self.stats, self.policy, consecutive)
@@ -110,4 +137,4 @@ def make_placement(spec: ReplicaSpec, model, steps_per_epoch: int) -> Placement:
 
 
 __all__ = ["ChunkResult", "OnCoordinator", "Placement", "Replicated", "ReplicasDiverged",
-           "check_replicas", "make_placement"]
+           "check_replicas", "make_placement", "run_chunk"]

@@ -111,6 +111,7 @@ class Worker:
         self._t = np.zeros(5)  # phase boundaries of the current step (perf_counter)
         self._phases = np.zeros(4)
         self._stats = StepStats(1, self.model.layer_names)
+        self._consecutive = 0  # the non-finite policy's count after the last chunk run
         self._bucketer = None
         self._make_bucketer()
         self.peak_activation_bytes = 0
@@ -245,16 +246,23 @@ class Worker:
                               denom=float(global_count), comm=self.comm)
 
     # placements -------------------------------------------------------------------------
-    def run_chunk(self, start: int, k: int, consecutive_skips: int = 0) -> dict[str, Any]:
+    def run_chunk(self, start: int, k: int, consecutive_skips: int | None = None
+                  ) -> dict[str, Any]:
         """Replicated placement: steps [start, start + k) with the update on this replica.
 
-        Returns per-step stats, the consecutive-skip count after them, memory and rank.
+        `consecutive_skips` is the non-finite policy's count before `start`; None goes on
+        from this worker's own count after its previous chunk (a chunk the coordinator
+        queued before it had seen the previous one's results). Returns per-step stats,
+        the consecutive-skip count after them, memory and rank.
         """
         c = self.config
+        if consecutive_skips is None:
+            consecutive_skips = self._consecutive
         consecutive = run_steps_(self, self.rule, self.model.params, start, k,
                                  self.steps_per_epoch, self._stats, self.policy,
                                  consecutive_skips, self.sharpness if c.sharpness_every else None,
                                  c.sharpness_every)
+        self._consecutive = consecutive
         return {"stats": self._stats.as_dict(), "consecutive_skips": consecutive,
                 "memory": self.memory(), "rank": self.rank}
 

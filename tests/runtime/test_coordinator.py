@@ -21,13 +21,37 @@ LAYERS = ["dense0"]
 
 
 class FakeGroup:
-    """A `WorkerGroup` whose replicas count steps; told to die, hang or diverge at a step."""
+    """A `WorkerGroup` whose replicas count steps; told to die, hang or diverge at a step.
+
+    With `pipelines` (as Ray workers), a chunk computes when it is submitted — queued
+    behind the one the coordinator has not collected yet — and its outcome (results or
+    failure) is delivered when it is collected."""
 
     interrupt = None
+    pipelines = False
 
     def __init__(self, script: dict, size: int, log: list):
         self.script, self.size, self.log = script, size, log
         self.value = None
+        self.consecutive = 0
+
+    def submit_chunk(self, start, k, consecutive, want_state=True):
+        self.in_flight = getattr(self, "in_flight", 0) + 1
+        self.log.append(("in flight", self.in_flight))
+        if not self.pipelines:
+            return start, k, consecutive, want_state
+        try:
+            return "done", self.run_chunk(start, k, consecutive, 0.0, want_state)
+        except WorkerFailure as exc:
+            return "failed", exc
+
+    def collect_chunk(self, pending, deadline):
+        self.in_flight -= 1
+        if not self.pipelines:
+            return self.run_chunk(*pending[:3], deadline, pending[3])
+        if pending[0] == "failed":
+            raise pending[1]
+        return pending[1]
 
     def start(self) -> None:
         self.log.append(("start", self.size))
@@ -41,6 +65,8 @@ class FakeGroup:
                   want_state: bool = True):
         if self.value is None:
             self.value = np.zeros(1)
+        if consecutive is None:
+            consecutive = self.consecutive
         stats = StepStats(max(k, 1), LAYERS)
         for step in range(start, start + k):
             for kind, reason in (("die_at", "death"), ("hang_at", "hang")):
@@ -58,6 +84,7 @@ class FakeGroup:
                          phase_seconds=[0, 0, 0, 0, 0])
             if consecutive >= 3:
                 break
+        self.consecutive = consecutive
         crcs = [(1.0, 1.0)] * self.size
         if start + k - 1 in self.script.get("diverge_at", ()):
             crcs[-1] = (2.0, 1.0)
@@ -71,6 +98,13 @@ class FakeGroup:
 
     def shutdown(self, graceful: bool = False) -> None:
         self.log.append(("shutdown", graceful))
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["one-at-a-time", "pipelined"])
+def pipelined(request, monkeypatch) -> bool:
+    """Every test runs with chunks collected one at a time and with the next one queued."""
+    monkeypatch.setattr(FakeGroup, "pipelines", request.param)
+    return request.param
 
 
 class Recorder:
@@ -104,14 +138,17 @@ def _run(script: dict, total: int = 20, stop=None, **cfg):
     return c, rec, log
 
 
-def test_finishes_in_chunks():
+def test_finishes_in_chunks(pipelined):
     c, rec, log = _run({})
     final = c.run()
     assert c.state is State.FINISHED
     assert final.step == 20 and final.resolved()["params"][0] == 20
     assert [s for s, _, _ in rec.chunks] == [0, 4, 8, 12, 16]
     assert all(s is State.RUNNING for s in rec.states)
-    assert [e for e in log if e[0] != "chunk"] == [("start", 2), ("shutdown", True)]
+    assert [e for e in log if e[0] not in ("chunk", "in flight")] == [("start", 2),
+                                                                      ("shutdown", True)]
+    # after the first chunk (which measures the step time) the next one is always queued
+    assert max(n for e, n in (x[:2] for x in log) if e == "in flight") == (2 if pipelined else 1)
 
 
 @pytest.mark.parametrize("kind,reason", [("die_at", "death"), ("hang_at", "hang")])
@@ -146,13 +183,14 @@ def test_diverged_replicas_fail_the_run():
     assert c.state is State.FAILED
 
 
-def test_a_stop_request_ends_at_a_chunk_boundary():
+def test_a_stop_request_ends_at_a_chunk_boundary(pipelined):
     t = []
     c, rec, _ = _run({}, stop=lambda: t[0] if t else None)
     rec.on_commit = lambda commit: t.append(time.monotonic()) if commit.step == 8 else None
     final = c.run()
     assert c.state is State.STOPPED
-    assert final.step == 8 and final.resolved()["params"][0] == 8
+    end = 12 if pipelined else 8  # the chunk already queued is drained, not thrown away
+    assert final.step == end and final.resolved()["params"][0] == end
 
 
 def test_consecutive_skips_count_across_chunks_and_fail_the_run():
@@ -187,7 +225,7 @@ def test_sparse_commits_rewind_to_the_last_one_and_the_history_with_it():
     assert rec.restarts == [("death", 0)] and rec.rewinds == [0]
 
 
-def test_a_stop_between_sparse_commits_commits_the_current_step():
+def test_a_stop_between_sparse_commits_commits_the_current_step(pipelined):
     t = []
     c, rec, log = _run({}, stop=lambda: t[0] if t else None, commit_seconds=3600)
     orig = rec.on_chunk
@@ -199,5 +237,6 @@ def test_a_stop_between_sparse_commits_commits_the_current_step():
     rec.on_chunk = on_chunk
     final = c.run()
     assert c.state is State.STOPPED
-    assert final.step == 12 and final.resolved()["params"][0] == 12
-    assert ("chunk", 12, 0, True) in log  # a 0-step chunk fetched the state at step 12
+    end = 16 if pipelined else 12
+    assert final.step == end and final.resolved()["params"][0] == end
+    assert ("chunk", end, 0, True) in log  # a 0-step chunk fetched the state at the end
