@@ -106,8 +106,7 @@ class LocalGroup(RunsOnCollect):
 
     def run_chunk(self, start: int, k: int, consecutive_skips: int | None, deadline: float,
                   want_state: bool = True) -> tuple[list[dict], Any]:
-        res = self.worker.run_chunk(start, k, consecutive_skips)
-        res["checksum"] = self.worker.checksum()
+        res = self.worker.run_chunk(start, k, consecutive_skips)  # one replica: no checksum
         return [res], (self.worker.state() if want_state else None)
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
@@ -174,9 +173,11 @@ class _ActorBody:
                   want_state: bool) -> tuple[dict, dict | None]:
         """(statistics, rank 0's state). Called with num_returns=2: the state becomes its
         own object, owned by the coordinator, and is serialized without a copy here
-        first (the actor does nothing else until the return value is stored)."""
+        first (the actor does nothing else until the return value is stored). A chunk that
+        ships the state also carries the parameter checksum (see `check_replicas`)."""
         res = self.worker.run_chunk(start, k, consecutive_skips)
-        res["checksum"] = self.worker.checksum()
+        if want_state:
+            res["checksum"] = self.worker.checksum()
         return res, (self.worker.commit_state() if want_state else None)
 
     def grad_step(self, step: int, params) -> dict:

@@ -45,14 +45,15 @@ class MpiRootGroup(RunsOnCollect):
                    int(want_state))
         res = self.worker.run_chunk(start, k, consecutive_skips)
         state = self.worker.state() if want_state else None
-        table = _gather_table(self.worker, self.comm)
+        table = _gather_table(self.worker, self.comm, want_state)
         out = [res]
-        res["checksum"] = (table[0, 0], table[0, 1])
         for r in range(1, self.size):
-            out.append({"rank": r, "checksum": (table[r, 0], table[r, 1]),
-                        "memory": {"rss_bytes": int(table[r, 3]),
-                                   "peak_rss_bytes": int(table[r, 2]),
-                                   "activation_bytes": int(table[r, 4])}})
+            out.append({"rank": r, "memory": {"rss_bytes": int(table[r, 3]),
+                                              "peak_rss_bytes": int(table[r, 2]),
+                                              "activation_bytes": int(table[r, 4])}})
+        if want_state:  # checksums travel with the state, as with Ray workers
+            for r, row in enumerate(out):
+                row["checksum"] = (table[r, 0], table[r, 1])
         return out, state
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
@@ -73,13 +74,13 @@ class MpiRootGroup(RunsOnCollect):
         self._send(CMD_STOP)
 
 
-def _gather_table(worker: Worker, comm) -> np.ndarray:
-    """(size, 5) float64: the parameter checksum's two parts, peak RSS, RSS, activation
-    bytes — one row per rank."""
+def _gather_table(worker: Worker, comm, with_checksum: bool) -> np.ndarray:
+    """(size, 5) float64: the parameter checksum's two parts (zeros unless
+    `with_checksum`), peak RSS, RSS, activation bytes — one row per rank."""
     t = np.zeros((comm.size, 5))
     mem = worker.memory()
-    t[comm.rank] = (*worker.checksum(), mem["peak_rss_bytes"], mem["rss_bytes"],
-                    mem["activation_bytes"])
+    t[comm.rank] = (*(worker.checksum() if with_checksum else (0.0, 0.0)),
+                    mem["peak_rss_bytes"], mem["rss_bytes"], mem["activation_bytes"])
     comm.allreduce_(t)
     return t
 
@@ -96,7 +97,7 @@ def follow(worker: Worker, comm) -> None:
             worker.run_chunk(a, b, None if c < 0 else c)
             if d:
                 worker.commit_state()  # collective when the update is sharded
-            _gather_table(worker, comm)
+            _gather_table(worker, comm, bool(d))
         elif op == CMD_GRAD:
             if b:
                 comm.bcast_(worker.model.params, root=0)

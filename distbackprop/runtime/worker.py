@@ -115,6 +115,7 @@ class Worker:
         self._bucketer = None
         self._make_bucketer()
         self.peak_activation_bytes = 0
+        self._process = None  # psutil.Process of this worker, made on first use
 
     # state ------------------------------------------------------------------------
     def set_comm(self, comm) -> None:
@@ -169,9 +170,16 @@ class Worker:
         return local_checksum(self.model.params)
 
     def memory(self) -> dict[str, int]:
+        """RSS, peak RSS, peak activation bytes, open fds and threads of this process (one
+        /proc read per figure: it is sampled after every chunk)."""
         from ..metrics.memory import peak_rss_bytes, process_handles, rss_bytes
-        return {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
-                "activation_bytes": int(self.peak_activation_bytes), **process_handles()}
+        if self._process is None:
+            import psutil
+            self._process = psutil.Process()
+        with self._process.oneshot():
+            return {"rss_bytes": rss_bytes(self._process), "peak_rss_bytes": peak_rss_bytes(),
+                    "activation_bytes": int(self.peak_activation_bytes),
+                    **process_handles(self._process)}
 
     # the gradient ---------------------------------------------------------------------
     def local_gradient_(self, step: int) -> tuple[float, int]:

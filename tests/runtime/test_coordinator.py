@@ -86,10 +86,13 @@ class FakeGroup:
                 break
         self.consecutive = consecutive
         crcs = [(1.0, 1.0)] * self.size
-        if start + k - 1 in self.script.get("diverge_at", ()):
+        if any(s < start + k for s in self.script.get("diverge_at", ())):  # and stays so
             crcs[-1] = (2.0, 1.0)
-        results = [{"rank": r, "stats": stats.as_dict(), "memory": {}, "checksum": crcs[r],
+        results = [{"rank": r, "stats": stats.as_dict(), "memory": {},
                     "consecutive_skips": consecutive} for r in range(self.size)]
+        if want_state:  # as Ray workers do: checksums travel with the state
+            for r, row in enumerate(results):
+                row["checksum"] = crcs[r]
         self.log.append(("chunk", start, k, want_state))
         return results, ({"params": self.value.copy()} if want_state else None)
 
@@ -181,6 +184,16 @@ def test_diverged_replicas_fail_the_run():
     with pytest.raises(TrainingFailed, match="replicas diverged"):
         c.run()
     assert c.state is State.FAILED
+
+
+def test_replicas_are_checked_before_any_commit_holds_them():
+    # state (and so checksums) only with the last chunk: the divergence at step 7 is found
+    # there, and the newest commit is still the one from before it
+    c, _, log = _run({"diverge_at": {7}}, commit_seconds=3600)
+    with pytest.raises(TrainingFailed, match="replicas diverged"):
+        c.run()
+    assert c.commit.step == 0
+    assert [x[1] for x in log if x[0] == "chunk"][-1] == 16  # found by the final chunk
 
 
 def test_a_stop_request_ends_at_a_chunk_boundary(pipelined):
