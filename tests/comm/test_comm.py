@@ -138,6 +138,17 @@ def _comm_actor_class():
             return {"rank": self.comm.rank, "size": self.comm.size,
                     "seconds": time.monotonic() - t0}
 
+        def join_outcome(self, ports: list[str], rank: int, size: int, timeout: float,
+                         schedule: str = "doubling") -> dict:
+            """join(), with a RendezvousError returned as fields (one result per rank)."""
+            t0 = time.monotonic()
+            try:
+                return {"error": None, **self.join(ports, rank, size, timeout,
+                                                   schedule=schedule)}
+            except RendezvousError as exc:
+                return {"error": str(exc), "raised_on": exc.rank,
+                        "missing_rank": exc.missing_rank, "seconds": time.monotonic() - t0}
+
         def join_with_stuck_step(self, ports: list[str], rank: int, size: int,
                                  timeout: float) -> dict:
             """join() while this rank's final step never returns (a wedged MPI call)."""
@@ -267,6 +278,98 @@ def test_rendezvous_that_cannot_complete_names_the_missing_rank(ray_cluster):
         assert ray.get(a.ports_all_closed.remote(), timeout=30)
     finally:
         _kill_and_reap(ray, [a, b], pids)
+
+
+class _QuarterCpuActors:
+    """Eight actors of a quarter CPU each, shared by the tests below (starting eight Ray
+    workers costs ~10 s here). A test that leaves a failed rendezvous behind takes them
+    with `spoil=True`: stale MPI state must not reach another test, which then gets fresh
+    ones. Every process started is stopped by PID at the end of the module."""
+
+    def __init__(self, ray, actor_cls) -> None:
+        self.ray, self.actor_cls = ray, actor_cls
+        self.actors: list = []
+        self.pids: list[int] = []
+        self.spoiled = False
+
+    def take(self, spoil: bool = False) -> list:
+        if self.spoiled or not self.actors:
+            self.close()
+            self.actors = [self.actor_cls.options(num_cpus=0.25).remote() for _ in range(8)]
+            self.pids = self.ray.get([a.pid.remote() for a in self.actors], timeout=60)
+        self.spoiled = spoil
+        return self.actors
+
+    def close(self) -> None:
+        actors, pids, self.actors, self.pids = self.actors, self.pids, [], []
+        if actors:
+            _kill_and_reap(self.ray, actors, pids)
+
+
+@pytest.fixture(scope="module")
+def quarter_cpu_actors(ray_cluster):
+    pool = _QuarterCpuActors(*_comm_actor_class())
+    yield pool
+    pool.close()
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+def test_every_size_from_2_to_8_on_both_schedules_gets_ranks_equal_to_actor_indices(
+        quarter_cpu_actors):
+    """For N = 2..8 and both schedules the first N actors form a group whose ranks are
+    their indices and whose allreduce of ranks is right; afterwards every leader has
+    closed every port it opened."""
+    ray, actors = quarter_cpu_actors.ray, quarter_cpu_actors.take()
+    for size in range(2, 9):
+        for schedule in ("doubling", "sequential"):
+            group = actors[:size]
+            ports = _open_ports(ray, group, schedule)
+            joined = ray.get([a.join.remote(ports, r, size, JOIN_TIMEOUT, schedule=schedule)
+                              for r, a in enumerate(group)], timeout=JOIN_TIMEOUT + 10)
+            assert [(j["rank"], j["size"]) for j in joined] == \
+                [(r, size) for r in range(size)], (size, schedule)
+            checks = ray.get([a.tiny_check.remote() for a in group], timeout=60)
+            total = float(size * (size - 1) // 2)
+            assert checks == [(r, total, size - 1.0) for r in range(size)], (size, schedule)
+            ray.get([a.close.remote() for a in group], timeout=30)
+    assert ray.get([a.ports_all_closed.remote() for a in actors], timeout=30) == [True] * 8
+
+
+# (size, the rank that never joins): what every other rank's error says, and the rank it
+# names (None: it waited for a larger group, and names the group).
+NEVER_JOINS = {
+    (8, 5): {4: ("rank 5 did not join the MPI group", 5),
+             6: ("ranks 4..5 did not accept ranks 6..7 into the MPI group", None),
+             7: ("ranks 4..5 did not accept ranks 6..7 into the MPI group", None),
+             **{r: ("ranks 4..7 did not join the MPI group", None) for r in range(4)}},
+}  # rank 0 or 1 of 2 never joining: test_rendezvous_that_cannot_complete_names_the_missing_rank
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+@pytest.mark.parametrize("size,missing", sorted(NEVER_JOINS))
+def test_a_rank_that_never_joins_is_named_within_the_timeout(quarter_cpu_actors, size,
+                                                             missing):
+    """Doubling: the missing rank opens its ports but never calls join. Its round-0
+    partner names it; the ranks that waited for its group name the group; all within
+    the timeout, and every process stays responsive with every port closed."""
+    ray, actors = quarter_cpu_actors.ray, quarter_cpu_actors.take(spoil=True)[:size]
+    ports = _open_ports(ray, actors)
+    t0 = time.monotonic()
+    joining = [r for r in range(size) if r != missing]
+    outcomes = ray.get([actors[r].join_outcome.remote(ports, r, size, SHORT_TIMEOUT)
+                        for r in joining], timeout=SHORT_TIMEOUT + 30)
+    elapsed = time.monotonic() - t0
+    assert elapsed < SHORT_TIMEOUT + 10, elapsed
+    got = dict(zip(joining, outcomes, strict=True))
+    for r, (text, names) in NEVER_JOINS[(size, missing)].items():
+        assert got[r]["error"] is not None and text in got[r]["error"], (r, got[r])
+        assert (got[r]["raised_on"], got[r]["missing_rank"]) == (r, names), (r, got[r])
+        assert got[r]["seconds"] <= SHORT_TIMEOUT + 2, (r, got[r])  # not the safety net
+    assert ray.get([a.ping.remote() for a in actors], timeout=30) == ["pong"] * size
+    ray.get(actors[missing].close_ports.remote(ports[missing]), timeout=30)
+    assert ray.get([a.ports_all_closed.remote() for a in actors], timeout=30) == [True] * size
 
 
 # ---------------------------------------------------------------- MpiComm under mpiexec ----
