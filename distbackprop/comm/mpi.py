@@ -240,7 +240,8 @@ def _transport_hint(deadline: float) -> str:
 def _absent(m: Merge, rank: int, timeout: float, why: str = "",
             hint: str = "") -> RendezvousError:
     """The error of a merge whose other side did not come: a side of one rank is named
-    as the missing rank; of a larger side, the ranks say which rank is missing."""
+    as the missing rank; a larger side is named as a group (its own ranks' errors name
+    the missing one)."""
     if rank < m.mid:  # the lower group waited in Accept for [mid, hi)
         waiting = f"{span(m.lo, m.mid)} {'was' if m.mid - m.lo == 1 else 'were'} waiting"
         if m.hi - m.mid == 1:
