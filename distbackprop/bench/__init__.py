@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-ALL = ("compute", "data", "allreduce", "scaling", "soak", "memory", "hvp", "rnn")
+ALL = ("compute", "data", "allreduce", "rendezvous", "scaling", "soak", "memory", "hvp",
+       "rnn")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

@@ -31,13 +31,13 @@ class AllreduceBenchWorker:
         self.comm = None
         self.buf = np.zeros(0, dtype=np.float32)
 
-    def open_port(self, size: int) -> str:
-        from ..comm.mpi import open_port
-        return open_port(size)
+    def open_ports(self, rank: int, size: int) -> str:
+        from ..comm.mpi import open_ports
+        return open_ports(rank, size)
 
-    def join(self, port: str, rank: int, size: int, timeout: float) -> int:
+    def join(self, ports: list[str], rank: int, size: int, timeout: float) -> int:
         from ..comm.mpi import join
-        self.comm = join(port, rank, size, timeout)
+        self.comm = join(ports, rank, size, timeout)
         return self.comm.rank
 
     def time_mpi(self, n: int, repeats: int, inner: int) -> dict:
@@ -98,8 +98,8 @@ def run(quick: bool = False) -> list[dict]:
     with local_ray(num_cpus=2):
         actors = Actors(AllreduceBenchWorker, 2, num_cpus=1)
         try:
-            port = actors.call_one(0, "open_port", 2)
-            actors.call("join", each=[(port, r, 2, RENDEZVOUS_TIMEOUT) for r in range(2)],
+            ports = actors.call("open_ports", each=[(r, 2) for r in range(2)], timeout=60)
+            actors.call("join", each=[(ports, r, 2, RENDEZVOUS_TIMEOUT) for r in range(2)],
                         timeout=RENDEZVOUS_TIMEOUT + 30)
             mpi_repeats = 11 if quick else 101
             ray_repeats = 5 if quick else 15

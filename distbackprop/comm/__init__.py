@@ -1,7 +1,8 @@
 """Communicators: a narrow protocol over NumPy buffers, and its backends.
 
-`LocalComm` (one process) and the helpers are importable without MPI; `MpiComm`, `open_port`
-and `join` live in `distbackprop.comm.mpi`, the package's only mpi4py importer, which
+`LocalComm` (one process), the helpers and the rendezvous' schedule
+(`distbackprop.comm.rendezvous`) are importable without MPI; `MpiComm`, `open_ports` and
+`join` live in `distbackprop.comm.mpi`, the package's only mpi4py importer, which
 initialises MPI on import and so is imported only by the processes that form a group.
 """
 

@@ -30,7 +30,9 @@ class RendezvousError(RuntimeError):
     """The communicator could not be formed.
 
     `rank` is the rank that raised; `missing_rank` is the rank that did not join, when
-    the raiser can know it (rank 0 always can; a newcomer only knows "someone before me").
+    the raiser can know it: the other side of the missing rank's first merge can (there
+    it is a group of one); a rank that waited for a larger group names that group in the
+    message and leaves `missing_rank` None.
     Picklable with its fields, so it survives a trip through Ray.
     """
 

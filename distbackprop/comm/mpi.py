@@ -7,24 +7,38 @@ Before that, the import applies `distbackprop.comm.transport.transport_env()` (e
 ``UCX_TLS=tcp,self`` in a container that shares the host's IPC namespace but not its PID
 namespace, where UCX's shared memory cannot reach the host's processes).
 
-Rendezvous among already-running processes (Ray actors), rank = actor index:
+Rendezvous among already-running processes (Ray actors), rank = actor index, in two
+phases that every rank runs concurrently:
 
-    # worker 0, then pass the string to every worker through Ray
-    port = open_port(size)
-    # every worker, concurrently (worker 0 included)
-    comm = join(port, rank, size, timeout=60.0)
+    ports_i = open_ports(rank, size)              # every rank; strings gathered through Ray
+    comm = join([ports_0, ..., ports_{size-1}], rank, size, timeout=60.0)
 
-`open_port` opens one MPI port per newcomer (ranks 1..size-1), so newcomer k can only be
-accepted as the k-th member and ranks come out in actor order whatever order the actors
-reach `join`. The group grows one newcomer at a time: every current member calls
-`Accept` (root 0) on port k-1 while rank k calls `Connect` from COMM_SELF; the resulting
-intercommunicator is merged with the newcomer on top. MPICH 4.x bounds both calls by the
-info key "timeout" (seconds), so a rank that never arrives turns into an MPI error on every
-waiting rank, reported as `RendezvousError` naming the missing rank; rank 0 then closes the
-ports and the process stays usable. Steps MPI cannot bound (a peer dying between Connect
-and Merge) are covered by running the rendezvous in a thread that the caller waits for
-with a deadline; if that deadline passes, the process's MPI state is unusable and the
-caller must stop the process (the coordinator kills the group and starts a new one).
+The group is formed by recursive doubling, in ⌈log₂ size⌉ rounds (the schedule lives in
+`distbackprop.comm.rendezvous`): in round r the group of ranks [a, a+2^r), a a multiple of
+2^(r+1), merges with the group [a+2^r, min(a+2^(r+1), size)) if that one is non-empty.
+The lower group calls `Accept(port, info, root=0)` collectively on its intracommunicator,
+the upper group `Connect(port, info, root=0)` on its own, and the intercommunicator is
+merged with the upper group on top, so ranks stay equal to actor indices whatever order
+the actors arrive in. An MPI port must be accepted by the process that opened it, so each
+lower group's leader (rank a) opens its own ports in `open_ports`, one per round it leads
+(rank 0 one per round, odd ranks none), and closes them when its `join` ends, on success
+or failure; `close_ports` is for a rendezvous abandoned before that rank joined. The old
+schedule, one newcomer at a time (size−1 rounds, every port opened by rank 0), stays
+available as ``schedule="sequential"`` for `distbackprop bench rendezvous`.
+
+MPICH 4.x bounds Accept and Connect by the info key "timeout" (seconds; every round gets
+what is left of the caller's `timeout`), so a rank that never arrives turns into an MPI
+error on every waiting rank, reported as `RendezvousError`. A missing rank is a group of
+one in its first merge (a group it would have merged with earlier would contain it), so
+the other side of that merge names it exactly ("rank 5 did not join ..."); ranks that
+waited for a larger group name that group ("ranks 4..7 did not join ...": the errors
+raised among those ranks name the missing one). The process stays usable. A
+Connect or Accept that fails long before its timeout gets the transport hint (`FIX_HINT`).
+Steps MPI cannot bound (a peer dying between Connect and Merge) are covered by running
+the rendezvous in a thread that the caller waits for with a deadline; if that deadline
+passes, the process's MPI state is unusable and the caller must stop the process (the
+coordinator kills the group and starts a new one). The formed group is verified by an
+allreduce of the ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ import time
 import numpy as np
 
 from distbackprop.comm.base import RendezvousError, Request
+from distbackprop.comm.rendezvous import Merge, plan, ports_led, span
 from distbackprop.comm.transport import FIX_HINT, apply_transport_env, transport_env
 
 
@@ -56,7 +71,7 @@ TRANSPORT_ENV: dict[str, str] = _choose_transport()
 
 from mpi4py import MPI  # noqa: E402 - must follow _choose_transport (see above)
 
-__all__ = ["MPI", "MpiComm", "MpiRequest", "TRANSPORT_ENV", "open_port", "close_port",
+__all__ = ["MPI", "MpiComm", "MpiRequest", "TRANSPORT_ENV", "open_ports", "close_ports",
            "join"]
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -177,35 +192,34 @@ class MpiComm:
         return f"MpiComm(rank={self.rank}, size={self.size}, {state})"
 
 
-def open_port(size: int) -> str:
-    """Open the ports of a rendezvous of `size` ranks; call it in the process of rank 0.
+def open_ports(rank: int, size: int, schedule: str = "doubling") -> str:
+    """Open the ports `rank` will accept on in a rendezvous of `size` ranks.
 
-    Returns an opaque string (one MPI port name per newcomer, newline-separated) that the
-    coordinator passes to every rank's `join`. Rank 0's `join` closes the ports, on success
-    or failure; `close_port` is for a rendezvous abandoned before rank 0 joined.
+    Every rank calls it (concurrently) before `join`: one MPI port per merge this rank
+    leads under `schedule` (doubling: one per round in which it is the lower group's
+    leader; sequential: rank 0 opens size−1 ports, the others none), newline-separated,
+    "" if none. The coordinator passes every rank's string to every rank's `join`, whose
+    end (success or failure) closes this rank's ports; `close_ports` is for a rendezvous
+    abandoned before this rank joined.
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    return "\n".join(MPI.Open_port() for _ in range(size - 1))
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"rank {rank} out of range for size {size}")
+    return "\n".join(MPI.Open_port() for _ in range(ports_led(rank, size, schedule)))
 
 
-def _ports(port: str) -> list[str]:
-    return port.split("\n") if port else []
+def _ports(ports: str) -> list[str]:
+    return ports.split("\n") if ports else []
 
 
-def close_port(port: str) -> None:
-    """Close every MPI port in `port` (from `open_port`, in the same process)."""
-    for name in _ports(port):
+def close_ports(ports: str) -> None:
+    """Close every MPI port in `ports` (this process's `open_ports` string)."""
+    for name in _ports(ports):
         MPI.Close_port(name)
 
 
 def _mpi_reason(exc: MPI.Exception) -> str:
     # MPICH appends its whole call stack; the first clause names the error class.
     return exc.Get_error_string().splitlines()[0].split(", error stack")[0].rstrip(":, ")
-
-
-def _members(k: int) -> str:
-    return "rank 0 was" if k == 1 else f"ranks 0..{k - 1} were"
 
 
 def _info_timeout(deadline: float) -> MPI.Info:
@@ -223,49 +237,70 @@ def _transport_hint(deadline: float) -> str:
     return f"; failed at once, not by timeout: {FIX_HINT}"
 
 
-def _grow(ports: list[str], rank: int, size: int, timeout: float, deadline: float,
-          progress: dict) -> MPI.Intracomm:
-    """Grow COMM_SELF into the whole group; returns the merged Intracomm with rank = `rank`."""
+def _absent(m: Merge, rank: int, timeout: float, why: str = "",
+            hint: str = "") -> RendezvousError:
+    """The error of a merge whose other side did not come: a side of one rank is named
+    as the missing rank; a larger side is named as a group (its own ranks' errors name
+    the missing one)."""
+    if rank < m.mid:  # the lower group waited in Accept for [mid, hi)
+        waiting = f"{span(m.lo, m.mid)} {'was' if m.mid - m.lo == 1 else 'were'} waiting"
+        if m.hi - m.mid == 1:
+            return RendezvousError(
+                f"rank {m.mid} did not join the MPI group within {timeout:g} s ({waiting}; "
+                f"raised on rank {rank}{why}){hint}", rank=rank, missing_rank=m.mid)
+        return RendezvousError(
+            f"{span(m.mid, m.hi)} did not join the MPI group within {timeout:g} s (they had "
+            f"not all joined: the errors raised among them name the missing rank; {waiting}; "
+            f"raised on rank {rank}{why}){hint}", rank=rank)
+    what = (f"{span(m.lo, m.mid)} did not accept {span(m.mid, m.hi)} into the MPI group "
+            f"within {timeout:g} s")
+    if m.mid - m.lo == 1:
+        return RendezvousError(f"{what} (raised on rank {rank}{why}){hint}",
+                               rank=rank, missing_rank=m.lo)
+    return RendezvousError(
+        f"{what} (they had not all joined: the errors raised among them name the missing "
+        f"rank; raised on rank {rank}{why}){hint}", rank=rank)
+
+
+def _other_side(m: Merge, rank: int) -> tuple[int, int]:
+    """The ranks [lo, hi) that `rank` waits for in merge `m`."""
+    return (m.mid, m.hi) if rank < m.mid else (m.lo, m.mid)
+
+
+def _link(group: MPI.Intracomm, port: str, m: Merge, rank: int, timeout: float,
+          deadline: float) -> MPI.Intercomm:
+    """One merge's intercommunicator: the lower group Accepts (collective, root 0 = its
+    leader, who opened `port`), the upper group Connects (collective, root 0)."""
+    if time.monotonic() >= deadline:
+        raise _absent(m, rank, timeout)
+    info = _info_timeout(deadline)
+    try:
+        if rank < m.mid:
+            return group.Accept(port, info, 0)
+        return group.Connect(port, info, 0)
+    except MPI.Exception as exc:
+        raise _absent(m, rank, timeout, f"; MPI: {_mpi_reason(exc)}",
+                      _transport_hint(deadline)) from exc
+    finally:
+        info.Free()
+
+
+def _form(ports: list[list[str]], rank: int, size: int, steps: list[Merge], timeout: float,
+          deadline: float, progress: dict) -> MPI.Intracomm:
+    """Carry out this rank's merges from COMM_SELF; the merged Intracomm has rank `rank`."""
     group = MPI.COMM_SELF
     try:
-        for k in range(max(rank, 1), size):
-            progress["awaiting"] = k
-            if time.monotonic() >= deadline:
-                raise RendezvousError(
-                    f"rank {k} did not join the MPI group within {timeout:g} s "
-                    f"(raised on rank {rank})", rank=rank, missing_rank=k)
-            info = _info_timeout(deadline)
+        for m in steps:
+            progress["waiting"] = _other_side(m, rank)
+            inter = _link(group, ports[m.lo][m.port], m, rank, timeout, deadline)
             try:
-                if rank == k:
-                    inter = MPI.COMM_SELF.Connect(ports[k - 1], info, 0)
-                else:
-                    inter = group.Accept(ports[k - 1], info, 0)
-            except MPI.Exception as exc:
-                hint = _transport_hint(deadline)
-                if rank != k:
-                    raise RendezvousError(
-                        f"rank {k} did not join the MPI group within {timeout:g} s "
-                        f"({_members(k)} waiting; raised on rank {rank}; MPI: "
-                        f"{_mpi_reason(exc)}){hint}", rank=rank, missing_rank=k) from exc
-                if k == 1:
-                    raise RendezvousError(
-                        f"rank 0 did not accept rank 1 into the MPI group within {timeout:g} s "
-                        f"(raised on rank 1; MPI: {_mpi_reason(exc)}){hint}",
-                        rank=rank, missing_rank=0) from exc
-                raise RendezvousError(
-                    f"rank {k} could not join the MPI group within {timeout:g} s: ranks "
-                    f"0..{k - 1} had not all joined (rank 0 names the missing one; MPI: "
-                    f"{_mpi_reason(exc)}){hint}", rank=rank, missing_rank=None) from exc
-            finally:
-                info.Free()
-            try:
-                merged = inter.Merge(rank == k)
+                merged = inter.Merge(rank >= m.mid)  # upper group on top: rank = index
             finally:
                 inter.Free()
             if group != MPI.COMM_SELF:
                 group.Free()
             group = merged
-        progress["awaiting"] = None
+        progress["waiting"] = None
         _verify(group, rank, size)
         return group
     except BaseException:
@@ -288,56 +323,73 @@ def _verify(group: MPI.Intracomm, rank: int, size: int) -> None:
             rank=rank)
 
 
-def join(port: str, rank: int, size: int, timeout: float = 60.0) -> MpiComm:
+def _port_lists(ports: list[str], size: int, schedule: str) -> list[list[str]]:
+    """Every rank's port names, checked against what `schedule` has each rank open."""
+    if len(ports) != size:
+        raise ValueError(f"{len(ports)} port strings for a group of size {size}: pass every "
+                         f"rank's open_ports result, in rank order")
+    lists = [_ports(p) for p in ports]
+    for i, names in enumerate(lists):
+        need = ports_led(i, size, schedule)
+        if len(names) != need:
+            raise ValueError(f"rank {i}'s port string holds {len(names)} ports; the {schedule} "
+                             f"rendezvous of size {size} needs {need} (open_ports({i}, {size}, "
+                             f"{schedule!r}))")
+    return lists
+
+
+def join(ports: list[str], rank: int, size: int, timeout: float = 60.0,
+         schedule: str = "doubling") -> MpiComm:
     """Form the MPI group of `size` ranks (every rank calls this concurrently).
 
-    `port` is rank 0's `open_port(size)` string. Returns an `MpiComm` whose rank is
-    `rank`, verified by an allreduce of the ranks. Raises `RendezvousError` naming the
-    rank that did not join, within about `timeout` seconds (never hangs). After an error
-    the process stays usable unless the message says MPI itself is stuck.
+    `ports[i]` is rank i's `open_ports(i, size, schedule)` string, the same list on every
+    rank. Merges groups as `schedule` says (see the module docstring; ⌈log₂ size⌉ rounds
+    for "doubling"). Returns an `MpiComm` whose rank is `rank`, verified by an allreduce
+    of the ranks. Closes this rank's own ports when it ends. Raises `RendezvousError`
+    within about `timeout` seconds (never hangs), naming the rank that did not join or,
+    on ranks that waited for a whole group, that group. After an error the process stays
+    usable unless the message says MPI itself is stuck. Inconsistent arguments raise
+    `ValueError` before anything else (the ports then stay open: `close_ports`).
     """
     if size < 1 or not 0 <= rank < size:
         raise ValueError(f"rank {rank} out of range for size {size}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
-    ports = _ports(port)
-    if len(ports) != size - 1:
-        raise ValueError(f"port string holds {len(ports)} ports; a group of size {size} "
-                         f"needs {size - 1} (open_port(size) with the same size)")
+    port_lists = _port_lists(ports, size, schedule)
+    steps = plan(rank, size, schedule)
     if size == 1:
         return MpiComm(MPI.COMM_SELF.Dup())
 
     deadline = time.monotonic() + timeout
-    progress: dict = {"awaiting": max(rank, 1)}
+    progress: dict = {"waiting": _other_side(steps[0], rank)}
     outcome: dict = {}
     done = threading.Event()
 
     def run() -> None:
         try:
-            outcome["comm"] = _grow(ports, rank, size, timeout, deadline, progress)
+            outcome["comm"] = _form(port_lists, rank, size, steps, timeout, deadline, progress)
         except MPI.Exception as exc:  # e.g. a Merge with a peer that went away
-            k = progress["awaiting"]
+            w = progress["waiting"]
             outcome["error"] = RendezvousError(
                 f"MPI rendezvous failed on rank {rank} "
-                f"({'verifying the group' if k is None else f'adding rank {k}'}): "
+                f"({'verifying the group' if w is None else f'merging with {span(*w)}'}): "
                 f"{_mpi_reason(exc)}", rank=rank)
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
         finally:
-            if rank == 0:
-                close_port(port)
+            close_ports(ports[rank])
             done.set()
 
     thread = threading.Thread(target=run, name=f"mpi-rendezvous-rank{rank}", daemon=True)
     thread.start()
     if not done.wait(timeout + _THREAD_GRACE_SECONDS):
-        k = progress["awaiting"]
-        who = f"waiting for rank {k}" if k is not None else "verifying the group"
+        w = progress["waiting"]
         raise RendezvousError(
             f"MPI rendezvous on rank {rank} still blocked "
             f"{timeout + _THREAD_GRACE_SECONDS:g} s after start "
-            f"({who}); this process's MPI state is unusable: stop the process",
-            rank=rank, missing_rank=k if k != rank else None)
+            f"({'verifying the group' if w is None else f'waiting for {span(*w)}'}); this "
+            f"process's MPI state is unusable: stop the process",
+            rank=rank, missing_rank=w[0] if w is not None and w[1] - w[0] == 1 else None)
     if "error" in outcome:
         raise outcome["error"]
     return MpiComm(outcome["comm"])

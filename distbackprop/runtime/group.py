@@ -156,16 +156,17 @@ class _ActorBody:
         return ActorPid(os.getpid(), ray.get_runtime_context().get_node_id(),
                         process_identity())
 
-    def open_port(self, peers: list[dict]) -> str:
+    def open_ports(self, peers: list[dict]) -> str:
+        """The MPI ports this rank accepts on in the rendezvous (MPI starts here)."""
         _transport_for(peers)
-        from ..comm.mpi import open_port
-        return open_port(self.world)
+        from ..comm.mpi import open_ports
+        return open_ports(self.rank, self.world)
 
-    def join(self, port: str, timeout: float, peers: list[dict]) -> int:
-        """Form the group (rank 0's join closes the ports, on success or failure)."""
+    def join(self, ports: list[str], timeout: float, peers: list[dict]) -> int:
+        """Form the group (each rank's join closes its own ports, on success or failure)."""
         _transport_for(peers)
         from ..comm.mpi import join
-        comm = join(port, self.rank, self.world, timeout)
+        comm = join(ports, self.rank, self.world, timeout)
         self.worker.set_comm(comm)
         return comm.size
 
@@ -235,9 +236,11 @@ class RayGroup:
                                  self.rendezvous_timeout, "start")
         if self.size > 1:
             peers = [p.identity for p in self.pids]  # decides the MPI transport (UCX_TLS)
-            port = self._gather([self.actors[0].open_port.remote(peers)],
-                                self.rendezvous_timeout, "open an MPI port")[0]
-            sizes = self._gather([a.join.remote(port, self.rendezvous_timeout, peers)
+            # Two phases, each on every actor at once: open the ports each rank leads,
+            # then join with all of them (recursive doubling, ⌈log₂ N⌉ rounds).
+            ports = self._gather([a.open_ports.remote(peers) for a in self.actors],
+                                 self.rendezvous_timeout, "open their MPI ports")
+            sizes = self._gather([a.join.remote(ports, self.rendezvous_timeout, peers)
                                   for a in self.actors],
                                  self.rendezvous_timeout + 5, "join the MPI communicator")
             if any(s != self.size for s in sizes):

@@ -1,7 +1,8 @@
 """One communicator test body on three backends, and the rendezvous' failure modes.
 
-LocalComm runs in this process. MpiComm runs over two Ray actors (rendezvous by
-Open_port/Accept/Connect) and under `mpiexec -n 2`. This process never imports mpi4py.
+LocalComm runs in this process. MpiComm runs over Ray actors (rendezvous by
+Open_port/Accept/Connect, in ⌈log₂ N⌉ rounds or N−1) and under `mpiexec -n 2`. This process
+never imports mpi4py.
 """
 
 from __future__ import annotations
@@ -120,31 +121,42 @@ def _comm_actor_class():
         def pid(self) -> int:
             return os.getpid()
 
-        def open_port(self, size: int) -> str:
-            from distbackprop.comm.mpi import open_port
-            return open_port(size)
+        def open_ports(self, rank: int, size: int, schedule: str = "doubling") -> str:
+            from distbackprop.comm.mpi import open_ports
+            return open_ports(rank, size, schedule)
 
-        def close_port(self, port: str) -> None:
-            from distbackprop.comm.mpi import close_port
-            close_port(port)
+        def close_ports(self, ports: str) -> None:
+            from distbackprop.comm.mpi import close_ports
+            close_ports(ports)
 
-        def join(self, port: str, rank: int, size: int, timeout: float,
-                 delay: float = 0.0) -> dict:
+        def join(self, ports: list[str], rank: int, size: int, timeout: float,
+                 delay: float = 0.0, schedule: str = "doubling") -> dict:
             from distbackprop.comm.mpi import join
             time.sleep(delay)
             t0 = time.monotonic()
-            self.comm = join(port, rank, size, timeout)
+            self.comm = join(ports, rank, size, timeout, schedule)
             return {"rank": self.comm.rank, "size": self.comm.size,
                     "seconds": time.monotonic() - t0}
 
-        def join_with_stuck_step(self, port: str, rank: int, size: int,
+        def join_outcome(self, ports: list[str], rank: int, size: int, timeout: float,
+                         schedule: str = "doubling") -> dict:
+            """join(), with a RendezvousError returned as fields (one result per rank)."""
+            t0 = time.monotonic()
+            try:
+                return {"error": None, **self.join(ports, rank, size, timeout,
+                                                   schedule=schedule)}
+            except RendezvousError as exc:
+                return {"error": str(exc), "raised_on": exc.rank,
+                        "missing_rank": exc.missing_rank, "seconds": time.monotonic() - t0}
+
+        def join_with_stuck_step(self, ports: list[str], rank: int, size: int,
                                  timeout: float) -> dict:
             """join() while this rank's final step never returns (a wedged MPI call)."""
             import distbackprop.comm.mpi as mpi
             verify = mpi._verify
             mpi._verify = lambda *args: time.sleep(3600)
             try:
-                return self.join(port, rank, size, timeout)
+                return self.join(ports, rank, size, timeout)
             finally:
                 mpi._verify = verify
 
@@ -159,12 +171,12 @@ def _comm_actor_class():
         def ports_all_closed(self) -> bool:
             # MPICH hands out the lowest free port tag: if join closed every port it
             # opened, a fresh port gets tag 0 again.
-            from distbackprop.comm.mpi import close_port, open_port
-            port = open_port(2)
+            from distbackprop.comm.mpi import close_ports, open_ports
+            port = open_ports(0, 2)
             try:
                 return port.startswith("tag#0$")
             finally:
-                close_port(port)
+                close_ports(port)
 
         def close(self) -> None:
             self.comm.close()
@@ -173,6 +185,13 @@ def _comm_actor_class():
             return "pong"
 
     return ray, CommActor
+
+
+def _open_ports(ray, actors, schedule: str = "doubling") -> list[str]:
+    """Phase one of the rendezvous: every actor opens the ports it leads, concurrently."""
+    size = len(actors)
+    return ray.get([a.open_ports.remote(r, size, schedule) for r, a in enumerate(actors)],
+                   timeout=60)
 
 
 def _kill_and_reap(ray, actors, pids) -> None:
@@ -195,8 +214,8 @@ def test_body_on_mpi_comm_over_ray_actors(ray_cluster):
     actors = [CommActor.remote() for _ in range(2)]
     pids = ray.get([a.pid.remote() for a in actors], timeout=60)
     try:
-        port = ray.get(actors[0].open_port.remote(2), timeout=60)
-        joined = ray.get([a.join.remote(port, r, 2, JOIN_TIMEOUT)
+        ports = _open_ports(ray, actors)
+        joined = ray.get([a.join.remote(ports, r, 2, JOIN_TIMEOUT)
                           for r, a in enumerate(actors)], timeout=JOIN_TIMEOUT + 10)
         assert [(j["rank"], j["size"]) for j in joined] == [(0, 2), (1, 2)]
         assert ray.get(actors[0].ports_all_closed.remote(), timeout=30)
@@ -216,8 +235,8 @@ def test_three_actors_arriving_in_reverse_order_get_their_actor_index(ray_cluste
     actors = [CommActor.remote() for _ in range(3)]
     pids = ray.get([a.pid.remote() for a in actors], timeout=60)
     try:
-        port = ray.get(actors[0].open_port.remote(3), timeout=60)
-        joined = ray.get([a.join.remote(port, r, 3, JOIN_TIMEOUT, delay=0.4 * (2 - r))
+        ports = _open_ports(ray, actors)
+        joined = ray.get([a.join.remote(ports, r, 3, JOIN_TIMEOUT, delay=0.4 * (2 - r))
                           for r, a in enumerate(actors)], timeout=JOIN_TIMEOUT + 10)
         assert [(j["rank"], j["size"]) for j in joined] == [(0, 3), (1, 3), (2, 3)]
         # Tiny collectives only: 3 busy-polling ranks on 2 cores.
@@ -237,11 +256,11 @@ def test_rendezvous_that_cannot_complete_names_the_missing_rank(ray_cluster):
     a, b = CommActor.remote(), CommActor.remote()
     pids = ray.get([a.pid.remote(), b.pid.remote()], timeout=60)
     try:
-        port_a = ray.get(a.open_port.remote(2), timeout=60)  # a joins as rank 0; no rank 1
-        port_b = ray.get(a.open_port.remote(2), timeout=60)  # b joins as rank 1; rank 0 never
+        port_a = ray.get(a.open_ports.remote(0, 2), timeout=60)  # a joins as rank 0; no rank 1
+        port_b = ray.get(a.open_ports.remote(0, 2), timeout=60)  # b joins as rank 1; rank 0 never
         t0 = time.monotonic()
-        lonely_root = a.join.remote(port_a, 0, 2, SHORT_TIMEOUT)
-        lonely_newcomer = b.join.remote(port_b, 1, 2, SHORT_TIMEOUT)
+        lonely_root = a.join.remote([port_a, ""], 0, 2, SHORT_TIMEOUT)
+        lonely_newcomer = b.join.remote([port_b, ""], 1, 2, SHORT_TIMEOUT)
         with pytest.raises(RendezvousError) as root_err:
             ray.get(lonely_root, timeout=SHORT_TIMEOUT + 30)
         with pytest.raises(RendezvousError) as newcomer_err:
@@ -255,10 +274,102 @@ def test_rendezvous_that_cannot_complete_names_the_missing_rank(ray_cluster):
         assert newcomer_err.value.missing_rank == 0
         # MPI returned cleanly: both processes still answer, and a's ports can be released.
         assert ray.get([a.ping.remote(), b.ping.remote()], timeout=30) == ["pong"] * 2
-        ray.get(a.close_port.remote(port_b), timeout=30)
+        ray.get(a.close_ports.remote(port_b), timeout=30)
         assert ray.get(a.ports_all_closed.remote(), timeout=30)
     finally:
         _kill_and_reap(ray, [a, b], pids)
+
+
+class _QuarterCpuActors:
+    """Eight actors of a quarter CPU each, shared by the tests below (starting eight Ray
+    workers costs ~10 s here). A test that leaves a failed rendezvous behind takes them
+    with `spoil=True`: stale MPI state must not reach another test, which then gets fresh
+    ones. Every process started is stopped by PID at the end of the module."""
+
+    def __init__(self, ray, actor_cls) -> None:
+        self.ray, self.actor_cls = ray, actor_cls
+        self.actors: list = []
+        self.pids: list[int] = []
+        self.spoiled = False
+
+    def take(self, spoil: bool = False) -> list:
+        if self.spoiled or not self.actors:
+            self.close()
+            self.actors = [self.actor_cls.options(num_cpus=0.25).remote() for _ in range(8)]
+            self.pids = self.ray.get([a.pid.remote() for a in self.actors], timeout=60)
+        self.spoiled = spoil
+        return self.actors
+
+    def close(self) -> None:
+        actors, pids, self.actors, self.pids = self.actors, self.pids, [], []
+        if actors:
+            _kill_and_reap(self.ray, actors, pids)
+
+
+@pytest.fixture(scope="module")
+def quarter_cpu_actors(ray_cluster):
+    pool = _QuarterCpuActors(*_comm_actor_class())
+    yield pool
+    pool.close()
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+def test_every_size_from_2_to_8_on_both_schedules_gets_ranks_equal_to_actor_indices(
+        quarter_cpu_actors):
+    """For N = 2..8 and both schedules the first N actors form a group whose ranks are
+    their indices and whose allreduce of ranks is right; afterwards every leader has
+    closed every port it opened."""
+    ray, actors = quarter_cpu_actors.ray, quarter_cpu_actors.take()
+    for size in range(2, 9):
+        for schedule in ("doubling", "sequential"):
+            group = actors[:size]
+            ports = _open_ports(ray, group, schedule)
+            joined = ray.get([a.join.remote(ports, r, size, JOIN_TIMEOUT, schedule=schedule)
+                              for r, a in enumerate(group)], timeout=JOIN_TIMEOUT + 10)
+            assert [(j["rank"], j["size"]) for j in joined] == \
+                [(r, size) for r in range(size)], (size, schedule)
+            checks = ray.get([a.tiny_check.remote() for a in group], timeout=60)
+            total = float(size * (size - 1) // 2)
+            assert checks == [(r, total, size - 1.0) for r in range(size)], (size, schedule)
+            ray.get([a.close.remote() for a in group], timeout=30)
+    assert ray.get([a.ports_all_closed.remote() for a in actors], timeout=30) == [True] * 8
+
+
+# (size, the rank that never joins): what every other rank's error says, and the rank it
+# names (None: it waited for a larger group, and names the group).
+NEVER_JOINS = {
+    (8, 5): {4: ("rank 5 did not join the MPI group", 5),
+             6: ("ranks 4..5 did not accept ranks 6..7 into the MPI group", None),
+             7: ("ranks 4..5 did not accept ranks 6..7 into the MPI group", None),
+             **{r: ("ranks 4..7 did not join the MPI group", None) for r in range(4)}},
+}  # rank 0 or 1 of 2 never joining: test_rendezvous_that_cannot_complete_names_the_missing_rank
+
+
+@pytest.mark.ray
+@pytest.mark.mpi
+@pytest.mark.parametrize("size,missing", sorted(NEVER_JOINS))
+def test_a_rank_that_never_joins_is_named_within_the_timeout(quarter_cpu_actors, size,
+                                                             missing):
+    """Doubling: the missing rank opens its ports but never calls join. Its round-0
+    partner names it; the ranks that waited for its group name the group; all within
+    the timeout, and every process stays responsive with every port closed."""
+    ray, actors = quarter_cpu_actors.ray, quarter_cpu_actors.take(spoil=True)[:size]
+    ports = _open_ports(ray, actors)
+    t0 = time.monotonic()
+    joining = [r for r in range(size) if r != missing]
+    outcomes = ray.get([actors[r].join_outcome.remote(ports, r, size, SHORT_TIMEOUT)
+                        for r in joining], timeout=SHORT_TIMEOUT + 30)
+    elapsed = time.monotonic() - t0
+    assert elapsed < SHORT_TIMEOUT + 10, elapsed
+    got = dict(zip(joining, outcomes, strict=True))
+    for r, (text, names) in NEVER_JOINS[(size, missing)].items():
+        assert got[r]["error"] is not None and text in got[r]["error"], (r, got[r])
+        assert (got[r]["raised_on"], got[r]["missing_rank"]) == (r, names), (r, got[r])
+        assert got[r]["seconds"] <= SHORT_TIMEOUT + 2, (r, got[r])  # not the safety net
+    assert ray.get([a.ping.remote() for a in actors], timeout=30) == ["pong"] * size
+    ray.get(actors[missing].close_ports.remote(ports[missing]), timeout=30)
+    assert ray.get([a.ports_all_closed.remote() for a in actors], timeout=30) == [True] * size
 
 
 # ---------------------------------------------------------------- MpiComm under mpiexec ----
@@ -296,9 +407,9 @@ def test_rendezvous_step_that_mpi_never_returns_from_still_ends_in_an_error(ray_
     pids = ray.get([a.pid.remote() for a in actors], timeout=60)
     timeout = 3.0
     try:
-        port = ray.get(actors[0].open_port.remote(2), timeout=60)
-        refs = [actors[0].join.remote(port, 0, 2, timeout),
-                actors[1].join_with_stuck_step.remote(port, 1, 2, timeout)]
+        ports = _open_ports(ray, actors)
+        refs = [actors[0].join.remote(ports, 0, 2, timeout),
+                actors[1].join_with_stuck_step.remote(ports, 1, 2, timeout)]
         for ref in refs:
             with pytest.raises(RendezvousError, match="still blocked .*stop the process"):
                 ray.get(ref, timeout=timeout + 30)

@@ -1,7 +1,10 @@
 """One rank of a 2-rank rendezvous through distbackprop.comm.mpi, for test_mpi_network.
 
-    python -m tests.deploy.mpi_peer            # rank 0: prints the port string, then joins
-    python -m tests.deploy.mpi_peer PORTFILE   # rank 1: joins the port string in PORTFILE
+    python -m tests.deploy.mpi_peer            # rank 0: prints its port string, then joins
+    python -m tests.deploy.mpi_peer PORTFILE   # rank 1: joins with rank 0's string in PORTFILE
+
+Rank 1 leads no merge of a 2-rank rendezvous, so its own port string is "" (and rank 0
+need not be told it).
 
 After an allreduce over the group, prints one JSON line: the sum and the
 addresses of this process's listening TCP sockets.
@@ -21,11 +24,12 @@ from distbackprop.comm import mpi
 
 def main(argv: list[str]) -> None:
     if argv:
-        rank, port = 1, Path(argv[0]).read_text()
+        rank, ports = 1, [Path(argv[0]).read_text(), mpi.open_ports(1, 2)]
     else:
-        rank, port = 0, mpi.open_port(2)
-        print(json.dumps({"port": port}), flush=True)
-    comm = mpi.join(port, rank, 2, timeout=60)
+        ports = [mpi.open_ports(0, 2), ""]
+        rank = 0
+        print(json.dumps({"port": ports[0]}), flush=True)
+    comm = mpi.join(ports, rank, 2, timeout=60)
     buf = np.array([rank + 1.0])
     comm.allreduce_(buf)
     listening = sorted(f"{c.laddr.ip}:{c.laddr.port}"

@@ -1,7 +1,7 @@
 """The MPI settings deploy/README.md gives for several nodes do what it says.
 
 Two ranks form their group the way Ray actors do (distbackprop.comm.mpi's
-open_port/join rendezvous), with the interface and the port range chosen by
+open_ports/join rendezvous), with the interface and the port range chosen by
 environment variables: for the default UCX netmod of the `mpich` wheel, and for
 the OFI netmod's tcp provider. Every socket a rank listens on must be on the
 chosen interface (loopback here) and inside the chosen range, and the allreduce

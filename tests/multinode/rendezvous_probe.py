@@ -4,7 +4,7 @@
 
 Places two actors with a SPREAD placement group (so one per node), with ENV_JSON (a
 dict of environment variables, e.g. '{"UCX_TLS": "all"}') in their runtime env, and
-has them form a group with `distbackprop.comm.mpi.open_port`/`join` and allreduce
+has them form a group with `distbackprop.comm.mpi.open_ports`/`join` and allreduce
 over it. Prints one JSON line per rank: its node, the transport environment the
 import chose, and how the join ended (ok, or the error text) and how long it took.
 """
@@ -27,11 +27,11 @@ class Peer:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "hostname": socket.gethostname()}
 
-    def open_port(self, size: int) -> str:
-        from distbackprop.comm.mpi import open_port
-        return open_port(size)
+    def open_ports(self, rank: int, size: int) -> str:
+        from distbackprop.comm.mpi import open_ports
+        return open_ports(rank, size)
 
-    def join(self, port: str, rank: int, size: int, timeout: float) -> dict:
+    def join(self, ports: list[str], rank: int, size: int, timeout: float) -> dict:
         import os
 
         import numpy as np
@@ -39,7 +39,7 @@ class Peer:
         from distbackprop.comm import mpi
         t0 = time.monotonic()
         try:
-            comm = mpi.join(port, rank, size, timeout)
+            comm = mpi.join(ports, rank, size, timeout)
         except Exception as exc:  # noqa: BLE001 - reported to the test
             return {"ok": False, "error": str(exc), "seconds": time.monotonic() - t0,
                     "transport": mpi.TRANSPORT_ENV, "UCX_TLS": os.environ.get("UCX_TLS")}
@@ -72,9 +72,9 @@ def main(argv: list[str]) -> None:
     if where[0]["node_id"] != ray.get_runtime_context().get_node_id():
         peers.reverse()
         where.reverse()
-    port = ray.get(peers[0].open_port.remote(2), timeout=60)
+    ports = ray.get([p.open_ports.remote(i, 2) for i, p in enumerate(peers)], timeout=60)
     t0 = time.monotonic()
-    outs = ray.get([p.join.remote(port, i, 2, timeout) for i, p in enumerate(peers)],
+    outs = ray.get([p.join.remote(ports, i, 2, timeout) for i, p in enumerate(peers)],
                    timeout=timeout + 30)
     wall = time.monotonic() - t0
     for p in peers:  # a failed rendezvous can leave MPI unusable: never reuse these
