@@ -156,10 +156,10 @@ def test_max_failures_exits_1_naming_the_checkpoint(tmp_path):
             run.poll()
             reader.join(timeout=0.2)
         assert not reader.is_alive(), "the run did not end within 120 s"
-        elapsed = time.monotonic() - t0
         stderr = out["stderr"]
         assert proc.returncode == 1, stderr[-2000:]
-        assert elapsed < 60 + 15  # the run itself, plus Ray's own start-up
+        # each exit was seen as a death when it happened, not waited out by the watchdog
+        assert stderr.count("died") >= 1 and "did not finish" not in stderr, stderr[-2000:]
         assert "Last good checkpoint:" in stderr
         assert "checkpoints/step-00000012" in stderr, stderr[-2000:]
         assert "rank 0" in stderr
