@@ -1,4 +1,4 @@
-"""A Ray cluster of several "machines" on one host: a head plus namespaced worker nodes.
+"""A way to rehearse a cluster on one machine: a Ray head plus namespaced worker nodes.
 
 Each worker node is `ray start --address=HEAD --block` run inside
 `unshare -p -f -u -i --mount-proc`: its own PID, hostname (UTS) and System V IPC
@@ -8,6 +8,8 @@ namespace's first process (PID 1 inside) makes the kernel kill every process in
 the namespace at once: the machine is gone, with no chance to say goodbye to the
 GCS. A node started with ``ipc="shared"`` keeps the host's IPC namespace
 (``unshare -p -f -u --mount-proc``), like a container run with ``--ipc=host``.
+Needs root (for the namespaces), util-linux `unshare` and the `ray` CLI
+(`unavailable()` says what is missing).
 
 The head runs in the host's namespaces (the driver, i.e. the coordinator, runs
 beside it, as on a real head node), in a session of its own so that it can be
@@ -16,14 +18,16 @@ stopped without touching any other Ray instance on the machine.
 Nothing here uses Ray's default temp dir: every node gets a `--temp-dir` under a
 private directory, so no ``/tmp/ray/ray_current_cluster`` file is written that a
 later ``ray.init()`` elsewhere would attach to. Callers always pass the explicit
-``cluster.address``.
+``cluster.address``. The multi-node tests use it; deploy/README.md shows how to start
+one by hand.
 
 Usage::
 
-    with Cluster(root, env={"PYTHONPATH": repo}) as c:   # starts the head (0 CPUs)
+    with Cluster(root, env=package_env()) as c:   # starts the head (0 CPUs)
         c.add_nodes(["n1", "n2"])       # worker nodes, 1 CPU each, started together
         c.add_node("s1", ipc="shared")  # own PID/UTS namespaces, the host's IPC
-        run_driver(c.address)           # always the explicit address
+        run_driver(c.address)           # always the explicit address, with
+                                        # c.driver_env() for a driver subprocess
         c.node_of_pid(actor_pid)        # which node a PID (as seen inside a node) is on
         c.actor_table("_ActorBody")     # Ray's record of actors: state, node, PID
         c.kill_node("n1")               # SIGKILL the namespace: the machine is gone
@@ -139,6 +143,29 @@ def ray_executable() -> str:
     return found
 
 
+def unavailable() -> str | None:
+    """Why the harness cannot run on this machine (None: it can): it needs root for the
+    namespaces, util-linux `unshare`, and the `ray` CLI."""
+    if os.geteuid() != 0:
+        return "the namespaced harness needs root (PID/UTS/IPC namespaces)"
+    if shutil.which("unshare") is None:
+        return "util-linux unshare is not installed"
+    try:
+        ray_executable()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+def package_env() -> dict[str, str]:
+    """`PYTHONPATH` with the directory this package is imported from first: the workers
+    Ray starts inherit their node's environment, not the driver's, so a node started
+    with it runs the same distbackprop as the driver."""
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": here + (os.pathsep + path if path else "")}
+
+
 @dataclass
 class Node:
     """One Ray node of the cluster and the process tree that is its "machine"."""
@@ -227,6 +254,11 @@ class Cluster:
         env.update(self.extra_env)
         env.update(extra or {})
         return env
+
+    def driver_env(self) -> dict[str, str]:
+        """Environment of a driver process (e.g. `distbackprop train --ray-address
+        ADDRESS`) joining this cluster: the nodes' settings, no other cluster's address."""
+        return self._node_env(None)
 
     def _common_args(self, node: Node) -> list[str]:
         p = node.ports
