@@ -106,7 +106,8 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _session_pids(sid: int) -> list[int]:
+def session_pids(sid: int) -> list[int]:
+    """PIDs of every live process in session `sid`."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -545,7 +546,7 @@ class Cluster:
         out: list[int] = []
         for node in self.nodes.values():
             if node.head and node.proc is not None:
-                out += _session_pids(node.proc.pid)
+                out += session_pids(node.proc.pid)
             elif node.pid_ns:
                 out += _ns_pids(node.pid_ns)
         return out
@@ -565,7 +566,7 @@ class Cluster:
                 self._reap_namespace(node)
         head = self.nodes.get("head")
         if head is not None and head.proc is not None:
-            _stop_session(head.proc, grace=15.0)
+            stop_session(head.proc, grace=15.0)
         self._gcs = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -581,21 +582,25 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _stop_session(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM session leader `proc`, then SIGKILL whatever of its session is left."""
+def stop_session(proc: subprocess.Popen, grace: float = 20.0) -> list[int]:
+    """SIGTERM session leader `proc`, wait up to `grace` s, then SIGKILL whatever of its
+    session is left; returns the PIDs that had to be killed. Only processes in the session
+    that `proc` leads are touched."""
     sid = proc.pid
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _session_pids(sid):
+    while time.monotonic() < deadline and session_pids(sid):
         if proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.2)
         else:
             time.sleep(0.2)
-    for pid in _session_pids(sid):
+    killed = session_pids(sid)
+    for pid in killed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+    return killed
