@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-ALL = ("compute", "data", "allreduce", "scaling", "soak", "memory", "hvp", "rnn")
+ALL = ("compute", "data", "allreduce", "scaling", "soak", "memory", "hvp", "rnn", "nodeloss")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

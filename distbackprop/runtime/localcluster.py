@@ -18,8 +18,9 @@ stopped without touching any other Ray instance on the machine.
 Nothing here uses Ray's default temp dir: every node gets a `--temp-dir` under a
 private directory, so no ``/tmp/ray/ray_current_cluster`` file is written that a
 later ``ray.init()`` elsewhere would attach to. Callers always pass the explicit
-``cluster.address``. The multi-node tests use it; deploy/README.md shows how to start
-one by hand.
+``cluster.address``. The multi-node tests, ``bench scaling`` (2 workers on 2 nodes) and
+``bench nodeloss`` (a node killed mid-run) use it; deploy/README.md shows how to start
+one from Python or by hand.
 
 Usage::
 
