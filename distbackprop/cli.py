@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, each against its reference in the same run")
     b.add_argument("which", nargs="?", default="all",
                    choices=["compute", "data", "allreduce", "rendezvous", "scaling", "soak",
-                            "memory", "hvp", "rnn", "all"])
+                            "memory", "hvp", "rnn", "nodeloss", "all"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
 

@@ -7,16 +7,19 @@ machines are shared and noisy.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ALL = ("compute", "data", "allreduce", "rendezvous", "scaling", "soak", "memory", "hvp",
-       "rnn")
+       "rnn", "nodeloss")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -36,6 +39,38 @@ def with_blas_threads(n: int, fn: Callable[[], list[dict]]) -> list[dict]:
     from threadpoolctl import threadpool_limits
     with threadpool_limits(limits=n, user_api="blas"):
         return fn()
+
+
+def harness(stack: contextlib.ExitStack, root: Path,
+            nodes: tuple[str, ...]) -> tuple[Any, str | None]:
+    """(a rehearsed cluster on this machine, `runtime.localcluster`: a head with 0 CPUs and
+    worker nodes `nodes` with 1 CPU each, stopped when `stack` closes; None) — or (None,
+    why it cannot run here), for a row that says so instead of failing the bench."""
+    from ..runtime.localcluster import Cluster, package_env, unavailable
+    why = unavailable()
+    if why is not None:
+        return None, why
+    for attempt in range(2):  # `ray start` gives a node 30 s to register: a swamped machine
+        cluster = Cluster(root / f"attempt{attempt}", env=package_env())
+        try:
+            cluster.start_head()
+            cluster.add_nodes(list(nodes))
+        except Exception as exc:  # noqa: BLE001 - the row says why; the other rows stand
+            cluster.stop()
+            why = f"the harness did not start: {type(exc).__name__}: {one_line(exc)}"
+            continue
+        stack.callback(cluster.stop)
+        return cluster, None
+    return None, why
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An error for a table cell: its first line and, if longer, its last (a log's tail)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0] if len(lines) == 1 else f"{lines[0][:limit // 2]} … {lines[-1]}"
+    return text[:limit]
 
 
 def format_table(title: str, rows: list[dict]) -> str:

@@ -6,10 +6,25 @@ Variants are run in interleaved rounds so drifting machine load hits all of
 them alike: overlap on/off, the update on the workers vs on the coordinator,
 and metrics on vs off. Also measured: start-up (command start to first step,
 through the real CLI) and the coordination overhead per step.
+
+"2 workers on 2 nodes (namespaced harness)" is the "2 workers" configuration
+on a rehearsed cluster (`runtime.localcluster`): a head with 0 CPUs and two
+worker nodes with 1 CPU each, every node in its own PID, UTS and IPC
+namespaces, so the two ranks are on different "machines" (MPI over TCP on
+loopback, no shared memory). The cluster is started once for the bench and is
+up during every round of every variant. A process can drive one Ray instance
+at a time, and the other variants run in this process's private instance, so
+each round runs this one as `distbackprop train --config CONFIG` in a
+subprocess, CONFIG being the very `TrainConfig` of the "2 workers" row plus
+``ray_address`` (the harness) and ``placement: spread``; its figures come from
+that run's summary.json and history.parquet, computed as for the other rows,
+and its rounds are interleaved with theirs (last in each round). Without root
+or `unshare` the row has no figures and a note says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +33,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from . import harness, one_line
 
 TITLE = "scaling: reference MLP 784-1024-1024-10, 256 examples/worker/step, 1 CPU per worker"
 PER_WORKER = 256
@@ -35,24 +52,47 @@ def _dataset(directory: Path, rows: int = 4096) -> Path:
     return path
 
 
-def _run(data: Path, out: Path, workers: int, steps: int, **kw) -> dict:
+def _config(data: Path, out: Path, workers: int, steps: int, **kw):
     from ..config import TrainConfig
+    return TrainConfig(data=str(data), hidden=(1024, 1024), batch_size=PER_WORKER * workers,
+                       workers=workers, cpus_per_worker=1, max_steps=steps, quiet=True,
+                       val_fraction=0.0, out=str(out), **{"metrics_port": 0, **kw})
+
+
+def _run(data: Path, out: Path, workers: int, steps: int, **kw) -> dict:
     from ..runtime.trainer import Trainer
-    cfg = TrainConfig(data=str(data), hidden=(1024, 1024), batch_size=PER_WORKER * workers,
-                      workers=workers, cpus_per_worker=1, max_steps=steps, quiet=True,
-                      val_fraction=0.0, out=str(out), **{"metrics_port": 0, **kw})
-    res = Trainer(cfg).fit()
+    res = Trainer(_config(data, out, workers, steps, **kw)).fit()
     h = res.history
-    step_s = h.column("step_seconds").to_numpy()
+    return _figures(res.summary, {c: h.column(c).to_numpy()
+                                  for c in ("step_seconds", "time/allreduce")})
+
+
+def _figures(summary: dict, history: dict[str, np.ndarray]) -> dict:
+    """A run's row figures from its summary and history columns (warm steps only)."""
+    step_s = history["step_seconds"]
     warm = slice(min(5, len(step_s) - 1), None)
-    s = res.summary
     return {
-        "sps": s["samples_per_second"],
+        "sps": summary["samples_per_second"],
         "step_ms": float(np.median(step_s[warm])) * 1e3,
-        "allreduce_ms": float(np.median(h.column("time/allreduce").to_numpy()[warm])) * 1e3,
-        "overhead_us": (s["coordination_seconds_per_step"] or 0.0) * 1e6,
-        "opt_MB": s["optimizer_bytes_per_worker"] / 1e6,
+        "allreduce_ms": float(np.median(history["time/allreduce"][warm])) * 1e3,
+        "overhead_us": (summary["coordination_seconds_per_step"] or 0.0) * 1e6,
+        "opt_MB": summary["optimizer_bytes_per_worker"] / 1e6,
     }
+
+
+def _run_on_harness(cluster, data: Path, out: Path, steps: int) -> dict:
+    """The "2 workers" run on the harness cluster, through the CLI in a subprocess."""
+    from ..metrics.history import read_columns
+    cfg = _config(data, out, 2, steps, overlap=False, placement="spread",
+                  ray_address=cluster.address)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(cfg.to_yaml())
+    r = subprocess.run([sys.executable, "-m", "distbackprop", "train", "--config", str(path)],
+                       capture_output=True, text=True, env=cluster.driver_env(), timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"the harness run exited {r.returncode}: {r.stderr[-500:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return _figures(summary, read_columns(out / "history.parquet"))
 
 
 def _startup_seconds(data: Path, out: Path) -> float:
@@ -68,35 +108,62 @@ def _startup_seconds(data: Path, out: Path) -> float:
     return float(json.loads((out / "summary.json").read_text())["startup_seconds"])
 
 
+VARIANTS = {
+    "1 worker": dict(workers=1),
+    "2 workers": dict(workers=2, overlap=False),
+    "2 workers, overlap": dict(workers=2, overlap=True),
+    "2 workers, update on coordinator": dict(workers=2, update_on="coordinator"),
+    "2 workers, sharded update (ZeRO-1)": dict(workers=2, update_on="sharded"),
+    "2 workers, metrics on": dict(workers=2, metrics_port=0),  # a free port each run
+}
+HARNESS = "2 workers on 2 nodes (namespaced harness)"
+
+
 def run(quick: bool = False) -> list[dict]:
-    from ..runtime.raysession import local_ray
     steps = 30 if quick else 120
     rounds = 1 if quick else 3
-    with tempfile.TemporaryDirectory(prefix="dbp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dbp-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
         tmp_path = Path(tmp)
         data = _dataset(tmp_path)
+        cluster, why = harness(stack, tmp_path / "harness", ("n1", "n2"))
         startups = [_startup_seconds(data, tmp_path / f"startup{i}") for i in range(rounds)]
         from ..metrics.exporter import MetricsExporter  # noqa: F401 - fail early if missing
-        variants = {
-            "1 worker": dict(workers=1),
-            "2 workers": dict(workers=2, overlap=False),
-            "2 workers, overlap": dict(workers=2, overlap=True),
-            "2 workers, update on coordinator": dict(workers=2, update_on="coordinator"),
-            "2 workers, sharded update (ZeRO-1)": dict(workers=2, update_on="sharded"),
-            "2 workers, metrics on": dict(workers=2, metrics_port=_free_port()),
-        }
-        results: dict[str, list[dict]] = {k: [] for k in variants}
-        with local_ray(num_cpus=max(2, os.cpu_count() or 2)):
-            for r in range(rounds):
-                for name, kw in variants.items():
-                    kw = dict(kw)
-                    w = kw.pop("workers")
-                    if "metrics_port" in kw:
-                        kw["metrics_port"] = _free_port()
-                    results[name].append(_run(data, tmp_path / f"{name}-{r}".replace(" ", "_")
-                                              .replace(",", ""), w, steps, **kw))
+        results, why = _rounds(data, tmp_path, steps, rounds, cluster, why)
+    return _rows(results, startups, why)
+
+
+def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int, cluster,
+            why: str | None) -> tuple[dict[str, list[dict]], str | None]:
+    """Every variant once per round, the harness run last in each; per variant its runs'
+    figures (the harness's list stays empty if it cannot run: `why` says why)."""
+    from ..runtime.raysession import local_ray
+    results: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, HARNESS]}
+    with local_ray(num_cpus=max(2, os.cpu_count() or 2)):
+        for r in range(rounds):
+            for name, kw in VARIANTS.items():
+                kw = dict(kw)
+                w = kw.pop("workers")
+                if "metrics_port" in kw:
+                    kw["metrics_port"] = _free_port()
+                results[name].append(_run(data, tmp_path / _slug(f"{name}-{r}"), w, steps,
+                                          **kw))
+            if cluster is not None and why is None:
+                try:
+                    results[HARNESS].append(_run_on_harness(
+                        cluster, data, tmp_path / _slug(f"{HARNESS}-{r}"), steps))
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                    why = f"round {r + 1}: {one_line(exc)}"
+    return results, why
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+
+
+def _rows(results: dict[str, list[dict]], startups: list[float], why: str | None) -> list[dict]:
     med = {k: {f: float(np.median([x[f] for x in v])) for f in v[0]}
-           for k, v in results.items()}
+           for k, v in results.items() if v}
     base = med["1 worker"]["sps"]
     rows = []
     for name, m in med.items():
@@ -105,10 +172,21 @@ def run(quick: bool = False) -> list[dict]:
                      "step_ms": m["step_ms"], "allreduce_ms": m["allreduce_ms"],
                      "coordination_us/step": m["overhead_us"],
                      "optimizer_MB/worker": m["opt_MB"]})
+    if HARNESS not in med:
+        rows.append({"variant": HARNESS, "samples/s": None, "efficiency": None,
+                     "note": f"not measured: {why}"})
+    elif why is not None:  # some rounds failed: the median is over the others
+        rows[-1]["note"] = f"{len(results[HARNESS])} round(s) only; {why}"
     off, on = med["2 workers"], med["2 workers, metrics on"]
     rows.append({"variant": "metrics cost (on vs off, 2 workers)",
                  "samples/s": on["sps"], "efficiency": on["sps"] / off["sps"],
                  "step_ms": on["step_ms"] - off["step_ms"]})
+    if HARNESS in med:
+        two = med[HARNESS]
+        rows.append({"variant": "2 nodes vs 1 node (2 workers)", "samples/s": two["sps"],
+                     "efficiency": two["sps"] / off["sps"],
+                     "step_ms": two["step_ms"] - off["step_ms"],
+                     "allreduce_ms": two["allreduce_ms"] - off["allreduce_ms"]})
     rows.append({"variant": "start-up to first step, 2 workers (CLI, median s)",
                  "samples/s": None, "efficiency": None,
                  "step_ms": float(np.median(startups)) * 1e3})

@@ -152,7 +152,8 @@ class RunStats:
     restarts: int = 0
     skipped: int = 0
     recovery_seconds: list[float] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)  # when detected, why, which ranks
+    # when noticed/detected, why, which ranks, when the next group stepped (see _recover)
+    failures: list[dict] = field(default_factory=list)
     # per chunk: (steps, wall seconds from dispatch to results, Σ step_seconds)
     chunks: list[tuple[int, float, float]] = field(default_factory=list)
 
@@ -217,6 +218,7 @@ class Coordinator:
         self._next_size: int | None = None
         self._queued: _Pending | None = None  # the chunk queued behind the one collected
         self._last_done = 0.0  # time.time() when the last chunk's results arrived
+        self._resuming: dict | None = None  # the failure whose new group has not stepped yet
 
     @property
     def commit(self) -> Commit:
@@ -331,13 +333,20 @@ class Coordinator:
         self.failures += 1
         self._t_fail = time.monotonic()
         self._queued = None
+        step_at_failure = self.step
         if self.group is not None:
             self.group.shutdown()
             self.group = None
         safe = self._rewind()
-        self.stats.failures.append({"detected_at": time.time(), "message": str(exc),
-                                    "ranks": list(exc.ranks), "resume_step": safe.step,
-                                    "reason": exc.reason})
+        self._resuming = {
+            "detected_at": time.time(), "message": str(exc), "ranks": list(exc.ranks),
+            "resume_step": safe.step, "reason": exc.reason,
+            # the first sign and the GCS verdict wait (see WorkerFailure); the steps done
+            # when it came; set by the new group's first chunk: when it was dispatched and
+            # how long after this failure reached the coordinator (None: it never did)
+            "noticed_at": exc.noticed_at, "verdict_seconds": exc.verdict_seconds,
+            "step_at_failure": step_at_failure, "resumed_at": None, "reformed_seconds": None}
+        self.stats.failures.append(self._resuming)
         if self.failures > self.config.max_failures:
             raise TrainingFailed(f"{exc}; giving up after {self.failures} failure(s) "
                                  f"(--max-failures {self.config.max_failures})") from None
@@ -404,6 +413,10 @@ class Coordinator:
         t0 = max(pending.submitted, self._last_done)
         if self.stats.first_step_start is None:
             self.stats.first_step_start = pending.submitted
+        if self._resuming is not None:  # the first chunk of a group formed after a failure
+            self._resuming.update(resumed_at=pending.submitted,
+                                  reformed_seconds=time.monotonic() - self._t_fail)
+            self._resuming = None
         res = self.placement.collect(self.group, pending.handle, self._deadline(k))
         stats = res.stats
         self.stats.last_step_end = self._last_done = time.time()

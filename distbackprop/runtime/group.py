@@ -28,12 +28,17 @@ NODE_VERDICT_SECONDS = 60.0
 
 class WorkerFailure(RuntimeError):
     """A replica died or hung; `ranks` names them; `reason` is the restart metric's label
-    (death, hang, node_lost, resize)."""
+    (death, hang, node_lost, resize). `noticed_at` (time.time()) is the first sign of it
+    (Ray's error, or the deadline passing); `verdict_seconds` how long the group then
+    waited for the GCS to declare a vanished node dead (0 when it did not wait)."""
 
-    def __init__(self, message: str, ranks: list[int], reason: str = "death"):
+    def __init__(self, message: str, ranks: list[int], reason: str = "death", *,
+                 noticed_at: float | None = None, verdict_seconds: float = 0.0):
         super().__init__(message)
         self.ranks = ranks
         self.reason = reason
+        self.noticed_at = time.time() if noticed_at is None else noticed_at
+        self.verdict_seconds = verdict_seconds
 
 
 class ChunkAbandoned(RuntimeError):
@@ -272,9 +277,12 @@ class RayGroup:
             try:
                 results[index[r]] = ray.get(r)
             except RayActorError as exc:
+                noticed = time.time()
+                reason = self._failure_reason(exc, index[r])  # may wait for the GCS verdict
                 raise WorkerFailure(f"worker rank {index[r]} died while trying to {what}: "
-                                    f"{type(exc).__name__}", [index[r]],
-                                    self._failure_reason(exc, index[r])) from None
+                                    f"{type(exc).__name__}", [index[r]], reason,
+                                    noticed_at=noticed,
+                                    verdict_seconds=time.time() - noticed) from None
             except RayTaskError as exc:
                 raise WorkerFailure(f"worker rank {index[r]} failed to {what}: "
                                     f"{exc.cause!r}", [index[r]]) from None

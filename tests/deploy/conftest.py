@@ -3,20 +3,18 @@
 The deployment tests start real servers (a Ray head, sshd, containers). Each one
 is started in a session of its own (`start_new_session=True`) so that the test
 can stop exactly what it started, including grandchildren that moved to other
-process groups (Ray's workers do), and nothing else on this shared machine.
+process groups (Ray's workers do), and nothing else on this shared machine
+(`distbackprop.runtime.localcluster.stop_session`, which the harness uses too).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -51,45 +49,6 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def session_pids(sid: int) -> list[int]:
-    """PIDs of every live process in session `sid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        with contextlib.suppress(OSError):
-            if os.getsid(pid) == sid:
-                out.append(pid)
-    return out
-
-
-def stop_session(proc: subprocess.Popen, grace: float = 20.0) -> list[int]:
-    """SIGTERM the session leader `proc`, wait up to `grace` s, SIGKILL its session.
-
-    Returns the PIDs that had to be killed. Only processes in the session that
-    `proc` leads are touched.
-    """
-    sid = proc.pid
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and session_pids(sid):
-        if proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.5)
-        else:
-            time.sleep(0.5)
-    killed = session_pids(sid)
-    for pid in killed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    return killed
 
 
 def run(cmd: list[str], *, timeout: float, check: bool = True, **kw) -> subprocess.CompletedProcess:

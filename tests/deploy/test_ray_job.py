@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import free_port, run, stop_session, tool
+from distbackprop.runtime.localcluster import stop_session
+from tests.deploy.conftest import free_port, run, tool
 
 pytestmark = pytest.mark.slow
 

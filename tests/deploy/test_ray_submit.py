@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distbackprop.runtime.localcluster import stop_session
 from tests.conftest import IN_CI
-from tests.deploy.conftest import REPO, free_port, port_open, run, stop_session, tool
+from tests.deploy.conftest import REPO, free_port, port_open, run, tool
 
 pytestmark = pytest.mark.slow
 

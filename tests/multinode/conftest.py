@@ -1,4 +1,7 @@
-"""Fixtures for the multi-node tests: one namespaced Ray cluster per session (see cluster.py).
+"""Fixtures for the multi-node tests: one namespaced Ray cluster per session.
+
+The harness is `distbackprop.runtime.localcluster` (a way to rehearse a cluster on one
+machine); these are the tests' fixtures and helpers around it.
 
 `multinode_cluster` is a head with 0 CPUs (so actors land on worker nodes) and worker
 nodes ``n1``, ``n2``, ``n3`` with 1 CPU each, every worker node in its own PID, UTS and
@@ -21,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from distbackprop.runtime.localcluster import Cluster, package_env, unavailable
 from tests.conftest import IN_CI, require_module, require_tool
-from tests.multinode.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_NODES = ("n1", "n2", "n3")
@@ -42,23 +45,18 @@ def require_namespaces() -> None:
     require_module("mpi4py")
     require_tool("unshare")
     require_tool("ray")
-    _require(os.geteuid() == 0, "the multi-node harness needs root (PID/IPC namespaces)")
+    why = unavailable()
+    _require(why is None, why or "")
 
 
 def node_env() -> dict[str, str]:
-    """Environment of every node: the package under test first on the path, since the
-    workers Ray starts inherit the node's environment, not the driver's."""
-    path = os.environ.get("PYTHONPATH", "")
-    return {"PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
+    """Environment of every node: the package under test first on the path."""
+    return package_env()
 
 
 def driver_env(cluster: Cluster) -> dict[str, str]:
     """Environment of a driver (the CLI) that joins `cluster`: explicit address only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCX_", "FI_"))}
-    env.pop("RAY_ADDRESS", None)
-    env.update(node_env())
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    return env
+    return cluster.driver_env()
 
 
 def train_command(cluster: Cluster | None, out: Path, *args: str,
@@ -67,7 +65,7 @@ def train_command(cluster: Cluster | None, out: Path, *args: str,
     `cluster` (None: whatever ARGS say, e.g. --local), for `subprocess`."""
     cmd = [sys.executable, "-m", "distbackprop", "train", *args, "--out", str(out),
            "--metrics-port", "0", "--quiet"]
-    full_env = driver_env(cluster) if cluster is not None else dict(os.environ)
+    full_env = cluster.driver_env() if cluster is not None else dict(os.environ)
     if cluster is not None:
         cmd += ["--ray-address", cluster.address]
     full_env.update(env or {})

@@ -19,7 +19,7 @@ import pytest
 
 from distbackprop.comm.transport import FIX_HINT
 from distbackprop.nn.model import load_model
-from tests.multinode.cluster import Cluster
+from distbackprop.runtime.localcluster import Cluster
 from tests.multinode.conftest import REPO, driver_env, node_env, require_namespaces, train
 
 pytestmark = pytest.mark.ray

@@ -166,6 +166,39 @@ def test_a_failure_recovers_from_the_last_commit(kind, reason):
     assert log.count(("shutdown", False)) == 1  # the failed group was killed
 
 
+def test_a_failure_records_when_it_was_noticed_and_when_the_new_group_stepped():
+    c, _, _ = _run({"die_at": {9}})
+    t0 = time.time()
+    c.run()
+    (f,) = c.stats.failures
+    assert t0 <= f["noticed_at"] <= f["detected_at"] <= f["resumed_at"] <= time.time()
+    assert f["verdict_seconds"] == 0.0  # no vanished node to wait for
+    assert f["step_at_failure"] == 8 and f["resume_step"] == 8  # a commit every chunk
+    assert 0 <= f["reformed_seconds"] <= f["resumed_at"] - f["noticed_at"] + 1e-3
+
+
+def test_a_group_that_fails_again_before_stepping_leaves_resumed_at_unset():
+    c, _, _ = _run({"die_at": {9}})
+    c.group_factory = _failing_once_then(c.group_factory)
+    c.run()
+    first, second = c.stats.failures
+    assert first["resumed_at"] is None and first["reformed_seconds"] is None
+    assert second["resumed_at"] is not None and second["reason"] == "hang"
+
+
+def _failing_once_then(factory):
+    """The first group formed after the initial one fails to start (a hang)."""
+    made = []
+
+    def build(size):
+        g = factory(size)
+        made.append(g)
+        if len(made) == 2:
+            g.script["fail_start"] = True
+        return g
+    return build
+
+
 def test_a_group_that_never_forms_counts_as_a_failure():
     c, rec, _ = _run({"fail_start": True})
     assert c.run().step == 20

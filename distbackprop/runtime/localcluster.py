@@ -1,4 +1,4 @@
-"""A Ray cluster of several "machines" on one host: a head plus namespaced worker nodes.
+"""A way to rehearse a cluster on one machine: a Ray head plus namespaced worker nodes.
 
 Each worker node is `ray start --address=HEAD --block` run inside
 `unshare -p -f -u -i --mount-proc`: its own PID, hostname (UTS) and System V IPC
@@ -8,6 +8,8 @@ namespace's first process (PID 1 inside) makes the kernel kill every process in
 the namespace at once: the machine is gone, with no chance to say goodbye to the
 GCS. A node started with ``ipc="shared"`` keeps the host's IPC namespace
 (``unshare -p -f -u --mount-proc``), like a container run with ``--ipc=host``.
+Needs root (for the namespaces), util-linux `unshare` and the `ray` CLI
+(`unavailable()` says what is missing).
 
 The head runs in the host's namespaces (the driver, i.e. the coordinator, runs
 beside it, as on a real head node), in a session of its own so that it can be
@@ -16,14 +18,17 @@ stopped without touching any other Ray instance on the machine.
 Nothing here uses Ray's default temp dir: every node gets a `--temp-dir` under a
 private directory, so no ``/tmp/ray/ray_current_cluster`` file is written that a
 later ``ray.init()`` elsewhere would attach to. Callers always pass the explicit
-``cluster.address``.
+``cluster.address``. The multi-node tests, ``bench scaling`` (2 workers on 2 nodes) and
+``bench nodeloss`` (a node killed mid-run) use it; deploy/README.md shows how to start
+one from Python or by hand.
 
 Usage::
 
-    with Cluster(root, env={"PYTHONPATH": repo}) as c:   # starts the head (0 CPUs)
+    with Cluster(root, env=package_env()) as c:   # starts the head (0 CPUs)
         c.add_nodes(["n1", "n2"])       # worker nodes, 1 CPU each, started together
         c.add_node("s1", ipc="shared")  # own PID/UTS namespaces, the host's IPC
-        run_driver(c.address)           # always the explicit address
+        run_driver(c.address)           # always the explicit address, with
+                                        # c.driver_env() for a driver subprocess
         c.node_of_pid(actor_pid)        # which node a PID (as seen inside a node) is on
         c.actor_table("_ActorBody")     # Ray's record of actors: state, node, PID
         c.kill_node("n1")               # SIGKILL the namespace: the machine is gone
@@ -102,7 +107,8 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _session_pids(sid: int) -> list[int]:
+def session_pids(sid: int) -> list[int]:
+    """PIDs of every live process in session `sid`."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -137,6 +143,29 @@ def ray_executable() -> str:
     if found is None:
         raise FileNotFoundError("the ray CLI is not installed")
     return found
+
+
+def unavailable() -> str | None:
+    """Why the harness cannot run on this machine (None: it can): it needs root for the
+    namespaces, util-linux `unshare`, and the `ray` CLI."""
+    if os.geteuid() != 0:
+        return "the namespaced harness needs root (PID/UTS/IPC namespaces)"
+    if shutil.which("unshare") is None:
+        return "util-linux unshare is not installed"
+    try:
+        ray_executable()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+def package_env() -> dict[str, str]:
+    """`PYTHONPATH` with the directory this package is imported from first: the workers
+    Ray starts inherit their node's environment, not the driver's, so a node started
+    with it runs the same distbackprop as the driver."""
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": here + (os.pathsep + path if path else "")}
 
 
 @dataclass
@@ -227,6 +256,11 @@ class Cluster:
         env.update(self.extra_env)
         env.update(extra or {})
         return env
+
+    def driver_env(self) -> dict[str, str]:
+        """Environment of a driver process (e.g. `distbackprop train --ray-address
+        ADDRESS`) joining this cluster: the nodes' settings, no other cluster's address."""
+        return self._node_env(None)
 
     def _common_args(self, node: Node) -> list[str]:
         p = node.ports
@@ -513,7 +547,7 @@ class Cluster:
         out: list[int] = []
         for node in self.nodes.values():
             if node.head and node.proc is not None:
-                out += _session_pids(node.proc.pid)
+                out += session_pids(node.proc.pid)
             elif node.pid_ns:
                 out += _ns_pids(node.pid_ns)
         return out
@@ -533,7 +567,7 @@ class Cluster:
                 self._reap_namespace(node)
         head = self.nodes.get("head")
         if head is not None and head.proc is not None:
-            _stop_session(head.proc, grace=15.0)
+            stop_session(head.proc, grace=15.0)
         self._gcs = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -549,21 +583,25 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _stop_session(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM session leader `proc`, then SIGKILL whatever of its session is left."""
+def stop_session(proc: subprocess.Popen, grace: float = 20.0) -> list[int]:
+    """SIGTERM session leader `proc`, wait up to `grace` s, then SIGKILL whatever of its
+    session is left; returns the PIDs that had to be killed. Only processes in the session
+    that `proc` leads are touched."""
     sid = proc.pid
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _session_pids(sid):
+    while time.monotonic() < deadline and session_pids(sid):
         if proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.2)
         else:
             time.sleep(0.2)
-    for pid in _session_pids(sid):
+    killed = session_pids(sid)
+    for pid in killed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+    return killed

@@ -1,0 +1,67 @@
+"""The rows of the benches that rehearse a cluster: what they say when the harness cannot
+run, and how the harness row is set beside the others (no cluster started here)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from distbackprop import bench
+from distbackprop.bench import nodeloss, scaling
+from distbackprop.runtime import localcluster
+
+
+def _fig(sps: float, step_ms: float) -> dict:
+    return {"sps": sps, "step_ms": step_ms, "allreduce_ms": 1.0, "overhead_us": 10.0,
+            "opt_MB": 1.0}
+
+
+def _results(harness: list[dict]) -> dict[str, list[dict]]:
+    out = {name: [_fig(200.0, 100.0)] for name in scaling.VARIANTS}
+    out["1 worker"] = [_fig(100.0, 90.0)]
+    out[scaling.HARNESS] = harness
+    return out
+
+
+def test_nodeloss_says_why_when_the_harness_cannot_run(monkeypatch):
+    monkeypatch.setattr(localcluster, "unavailable", lambda: "no unshare here")
+    rows = nodeloss.run(quick=True)
+    assert [r["case"] for r in rows] == ["rank 1's node killed", "rank 0's node killed"]
+    for r in rows:
+        assert r["kills"] == 0 and r["note"] == "not measured: no unshare here"
+        assert all(r[f] is None for f in nodeloss.FIGURES)
+
+
+def test_scaling_keeps_a_row_without_figures_when_the_harness_cannot_run():
+    rows = scaling._rows(_results([]), [1.0], "no unshare here")
+    (row,) = [r for r in rows if r["variant"] == scaling.HARNESS]
+    assert row["samples/s"] is None and row["note"] == "not measured: no unshare here"
+    assert not any(r["variant"].startswith("2 nodes vs 1 node") for r in rows)
+
+
+def test_scaling_sets_the_harness_beside_two_workers_on_one_node():
+    rows = {r["variant"]: r for r in scaling._rows(
+        _results([_fig(150.0, 130.0), _fig(170.0, 110.0)]), [1.0], None)}
+    two_nodes = rows[scaling.HARNESS]
+    assert two_nodes["samples/s"] == 160.0 and "note" not in two_nodes  # the median of 2
+    assert math.isclose(two_nodes["efficiency"], 160.0 / (2 * 100.0))
+    vs = rows["2 nodes vs 1 node (2 workers)"]
+    assert math.isclose(vs["efficiency"], 160.0 / 200.0)
+    assert math.isclose(vs["step_ms"], 120.0 - 100.0)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("boom", "boom"),
+    ("node n1 exited (log x):\n\n=== cmd\nTraceback\nException: timed out\n",
+     "node n1 exited (log x): … Exception: timed out"),
+])
+def test_one_line_keeps_the_first_and_the_last_line(text, want):
+    assert bench.one_line(RuntimeError(text)) == want
+
+
+def test_every_bench_is_a_cli_choice():
+    from distbackprop.cli import _parser
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    choices = next(a for a in sub.choices["bench"]._actions if a.dest == "which").choices
+    assert set(bench.ALL) | {"all"} == set(choices)
