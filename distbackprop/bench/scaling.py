@@ -20,6 +20,12 @@ subprocess, CONFIG being the very `TrainConfig` of the "2 workers" row plus
 that run's summary.json and history.parquet, computed as for the other rows,
 and its rounds are interleaved with theirs (last in each round). Without root
 or `unshare` the row has no figures and a note says why.
+
+"PyTorch DDP (gloo)" is the same job (model, batch per process, Adam, float32)
+under torch's DistributedDataParallel, 2 processes × 1 thread, run in each
+round by `ddp_reference.py` with an interpreter that has torch (not a
+dependency): ``$DISTBACKPROP_TORCH_PYTHON``, else this one. Without torch the
+row says so; the "vs DDP" rows divide samples/s measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -117,6 +123,33 @@ VARIANTS = {
     "2 workers, metrics on": dict(workers=2, metrics_port=0),  # a free port each run
 }
 HARNESS = "2 workers on 2 nodes (namespaced harness)"
+DDP = "PyTorch DDP (gloo), 2 processes × 1 thread"
+
+
+def torch_python() -> tuple[str | None, str | None]:
+    """(an interpreter that imports torch, None) or (None, why not)."""
+    py = os.environ.get("DISTBACKPROP_TORCH_PYTHON") or sys.executable
+    try:
+        r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True,
+                           timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{py}: {one_line(exc)}"
+    if r.returncode != 0:
+        return None, (f"torch is not importable by {py} (set DISTBACKPROP_TORCH_PYTHON to an "
+                      "interpreter that has it)")
+    return py, None
+
+
+def _run_ddp(py: str, steps: int) -> dict:
+    """The reference job under DDP with 2 processes (see ddp_reference.py)."""
+    script = Path(__file__).with_name("ddp_reference.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([py, str(script), "2", str(steps), str(PER_WORKER)], capture_output=True,
+                       text=True, env=env, timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"the DDP run exited {r.returncode}: {r.stderr[-500:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"sps": out["samples_per_second"], "step_ms": out["step_ms"]}
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -129,16 +162,18 @@ def run(quick: bool = False) -> list[dict]:
         cluster, why = harness(stack, tmp_path / "harness", ("n1", "n2"))
         startups = [_startup_seconds(data, tmp_path / f"startup{i}") for i in range(rounds)]
         from ..metrics.exporter import MetricsExporter  # noqa: F401 - fail early if missing
-        results, why = _rounds(data, tmp_path, steps, rounds, cluster, why)
-    return _rows(results, startups, why)
+        results, why, why_ddp = _rounds(data, tmp_path, steps, rounds, cluster, why)
+    return _rows(results, startups, why) + _ddp_rows(results, why_ddp)
 
 
-def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int, cluster,
-            why: str | None) -> tuple[dict[str, list[dict]], str | None]:
-    """Every variant once per round, the harness run last in each; per variant its runs'
-    figures (the harness's list stays empty if it cannot run: `why` says why)."""
+def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int, cluster, why: str | None
+            ) -> tuple[dict[str, list[dict]], str | None, str | None]:
+    """Every variant once per round, then DDP, the harness run last in each; per variant
+    its runs' figures (the harness's and DDP's lists stay empty if they cannot run: the
+    two notes say why)."""
     from ..runtime.raysession import local_ray
-    results: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, HARNESS]}
+    results: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, DDP, HARNESS]}
+    py, why_ddp = torch_python()
     with local_ray(num_cpus=max(2, os.cpu_count() or 2)):
         for r in range(rounds):
             for name, kw in VARIANTS.items():
@@ -148,13 +183,35 @@ def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int, cluster,
                     kw["metrics_port"] = _free_port()
                 results[name].append(_run(data, tmp_path / _slug(f"{name}-{r}"), w, steps,
                                           **kw))
+            if py is not None:
+                try:
+                    results[DDP].append(_run_ddp(py, steps))
+                except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+                    py, why_ddp = None, f"round {r + 1}: {one_line(exc)}"
             if cluster is not None and why is None:
                 try:
                     results[HARNESS].append(_run_on_harness(
                         cluster, data, tmp_path / _slug(f"{HARNESS}-{r}"), steps))
                 except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
                     why = f"round {r + 1}: {one_line(exc)}"
-    return results, why
+    return results, why, why_ddp
+
+
+def _ddp_rows(results: dict[str, list[dict]], why: str | None) -> list[dict]:
+    """DDP's row and distbackprop's 2-worker variants divided by it (samples/s)."""
+    if not results[DDP]:
+        return [{"variant": DDP, "samples/s": None, "note": f"not measured: {why}"}]
+    ddp = float(np.median([x["sps"] for x in results[DDP]]))
+    base = float(np.median([x["sps"] for x in results["1 worker"]]))
+    rows = [{"variant": DDP, "samples/s": ddp, "efficiency": ddp / (2 * base),
+             "step_ms": float(np.median([x["step_ms"] for x in results[DDP]]))}]
+    for name in ("2 workers", "2 workers, sharded update (ZeRO-1)"):
+        ours = float(np.median([x["sps"] for x in results[name]]))
+        rows.append({"variant": f"{name} vs DDP (samples/s ratio)", "samples/s": ours,
+                     "efficiency": ours / ddp})
+    if why is not None:
+        rows[0]["note"] = f"{len(results[DDP])} round(s) only; {why}"
+    return rows
 
 
 def _slug(name: str) -> str:
@@ -163,7 +220,7 @@ def _slug(name: str) -> str:
 
 def _rows(results: dict[str, list[dict]], startups: list[float], why: str | None) -> list[dict]:
     med = {k: {f: float(np.median([x[f] for x in v])) for f in v[0]}
-           for k, v in results.items() if v}
+           for k, v in results.items() if v and k != DDP}
     base = med["1 worker"]["sps"]
     rows = []
     for name, m in med.items():

@@ -65,3 +65,25 @@ def test_every_bench_is_a_cli_choice():
     sub = next(a for a in _parser()._actions if a.dest == "command")
     choices = next(a for a in sub.choices["bench"]._actions if a.dest == "which").choices
     assert set(bench.ALL) | {"all"} == set(choices)
+
+
+def test_scaling_sets_ddp_beside_the_two_worker_variants():
+    res = _results([])
+    res["2 workers"] = [_fig(300.0, 100.0)]
+    res[scaling.DDP] = [{"sps": 240.0, "step_ms": 5.0}, {"sps": 260.0, "step_ms": 7.0}]
+    rows = {r["variant"]: r for r in scaling._ddp_rows(res, None)}
+    assert rows[scaling.DDP]["samples/s"] == 250.0 and rows[scaling.DDP]["step_ms"] == 6.0
+    assert math.isclose(rows[scaling.DDP]["efficiency"], 250.0 / (2 * 100.0))
+    assert math.isclose(rows["2 workers vs DDP (samples/s ratio)"]["efficiency"], 300 / 250)
+    sharded = rows["2 workers, sharded update (ZeRO-1) vs DDP (samples/s ratio)"]
+    assert math.isclose(sharded["efficiency"], 200.0 / 250.0)
+
+
+def test_scaling_says_why_without_torch(monkeypatch):
+    monkeypatch.setenv("DISTBACKPROP_TORCH_PYTHON", "/nonexistent/python")
+    py, why = scaling.torch_python()
+    assert py is None and "/nonexistent/python" in why
+    res = _results([])
+    res[scaling.DDP] = []
+    (row,) = scaling._ddp_rows(res, why)
+    assert row["samples/s"] is None and row["note"].startswith("not measured: ")
