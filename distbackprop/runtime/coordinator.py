@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..config import TrainConfig
+from .commitstore import SharedState
 from .elastic import CapacityTimeout, FixedSize
 from .group import ChunkAbandoned, WorkerFailure, WorkerGroup
 from .placement import Placement, ReplicasDiverged, run_chunk
@@ -50,7 +51,8 @@ class Commit:
     """The last consistent training state: after `step` steps.
 
     `state` is a dict of arrays, or — in the Ray runtime — a reference to that
-    dict in Ray's object store, owned by the coordinator and fetched when needed.
+    dict in Ray's object store, owned by the coordinator and fetched when needed, or a
+    `SharedState` naming it in the shared-memory store (rank 0 on this machine).
     """
 
     step: int
@@ -58,10 +60,13 @@ class Commit:
     consecutive_skips: int = 0  # the non-finite policy's count after `step`
 
     def resolved(self) -> dict[str, np.ndarray]:
-        """The state as arrays (fetched once from the object store if need be)."""
-        if not isinstance(self.state, dict):
+        """The state as arrays (copied once out of the shared-memory store, or fetched once
+        from Ray's object store, if need be). Raises if that copy is gone."""
+        if not isinstance(self.state, (dict, SharedState)):
             import ray
             self.state = ray.get(self.state)
+        if isinstance(self.state, SharedState):
+            self.state = self.state.read()
         return self.state
 
 

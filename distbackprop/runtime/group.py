@@ -152,6 +152,16 @@ class _ActorBody:
             x, y = b.x_train, b.y_train
         self.worker = spec.build_worker(rank, world, x, y)
         self.rank, self.world = rank, world
+        self._slots = None  # rank 0 on the coordinator's machine: commits via /dev/shm
+
+    def use_commit_store(self, directory: str, token: str, first_seq: int) -> bool:
+        """Write commits into the coordinator's shared-memory store, if this process sees
+        it (`commitstore`); False: they keep going through Ray's object store."""
+        from .commitstore import SlotWriter, sees
+        if not sees(directory, token):
+            return False
+        self._slots = SlotWriter(directory, first_seq)
+        return True
 
     def pid(self) -> ActorPid:
         """This process's PID with where it is valid: the Ray node and the namespaces."""
@@ -182,9 +192,16 @@ class _ActorBody:
         first (the actor does nothing else until the return value is stored). A chunk that
         ships the state also carries the parameter checksum (see `check_replicas`)."""
         res = self.worker.run_chunk(start, k, consecutive_skips)
-        if want_state:
-            res["checksum"] = self.worker.checksum()
-        return res, (self.worker.commit_state() if want_state else None)
+        if not want_state:
+            return res, None
+        res["checksum"] = self.worker.checksum()
+        state = self.worker.commit_state()  # collective when the update is sharded
+        if state is not None and self._slots is not None:
+            try:
+                state = self._slots.write(state)  # a `SharedState` descriptor
+            except OSError:  # no room in /dev/shm (NoRoom), or it went away: Ray's store
+                self._slots = None
+        return res, state
 
     def grad_step(self, step: int, params) -> dict:
         return self.worker.reduced_gradient(step, params)
@@ -201,10 +218,15 @@ class RayGroup:
 
     pipelines = True
 
-    def __init__(self, spec: GroupSpec, size: int, rendezvous_timeout: float = 60.0):
+    def __init__(self, spec: GroupSpec, size: int, rendezvous_timeout: float = 60.0,
+                 commit_store=None):
+        """`commit_store`: the run's `commitstore.CommitStore`, used when rank 0 lands on
+        this machine (None: commits always go through Ray's object store)."""
         self.spec = spec
         self.size = size
         self.rendezvous_timeout = rendezvous_timeout
+        self.commit_store = commit_store
+        self._shared_commits = False
         self.actors: list = []
         self.pids: list[int] = []
         self.pg = None
@@ -251,6 +273,17 @@ class RayGroup:
             if any(s != self.size for s in sizes):
                 raise WorkerFailure(f"communicator formed with sizes {sizes}, expected "
                                     f"{self.size}", list(range(self.size)))
+        self._attach_commit_store()
+
+    def _attach_commit_store(self) -> None:
+        """Rank 0 on this machine writes commits into the shared-memory store."""
+        store = self.commit_store
+        if store is None or 0 not in _local_ranks(self.pids):
+            return
+        self._shared_commits = self._gather(
+            [self.actors[0].use_commit_store.remote(str(store.path), store.token,
+                                                    store.first_seq())],
+            self.rendezvous_timeout, "open the commit store")[0]
 
     def _gather(self, refs: list, deadline: float, what: str) -> list:
         """ray.get with a deadline; the first actor death or the deadline → WorkerFailure."""
@@ -316,8 +349,13 @@ class RayGroup:
 
     @property
     def commit_is_local(self) -> bool:
-        """Rank 0, whose result holds each commit, runs on the coordinator's own node."""
+        """Rank 0, whose result holds each commit, runs on the coordinator's own node and
+        commits through Ray's object store there (safe as soon as it is returned). A
+        commit in the shared-memory store is not: its slot is reused two commits later,
+        so the coordinator copies it out first."""
         import ray
+        if self._shared_commits:
+            return False
         node = getattr(self.pids[0], "node_id", None) if self.pids else None
         return node is not None and node == ray.get_runtime_context().get_node_id()
 
@@ -345,8 +383,12 @@ class RayGroup:
         return out
 
     def load_state(self, state) -> None:
-        """`state`: a dict of arrays, or an object-store reference to one."""
+        """`state`: a dict of arrays, a `SharedState`, or an object-store reference."""
         import ray
+
+        from .commitstore import SharedState
+        if isinstance(state, SharedState):
+            state = state.read()
         ref = ray.put(state) if isinstance(state, dict) else state
         self._gather([a.load_state.remote(ref) for a in self.actors], 120, "load state")
 

@@ -156,10 +156,13 @@ class Trainer:
         stop = StopRequest()
         started_ray = False
         observer: RunObserver | None = None
+        store = None
         try:
             factory = self.group_factory
             if factory is None and not cfg.local:
                 started_ray = _start_ray(cfg)
+                from .commitstore import CommitStore
+                store = CommitStore.create()
             stop.install()  # after Ray starts: its core replaces an earlier SIGTERM handler
             try:
                 exporter.start()
@@ -171,7 +174,7 @@ class Trainer:
             prep.run_dir.write_config(cfg)
             observer = RunObserver(prep, model, exporter)
             coordinator = self._coordinator(prep, model, observer, stop,
-                                            factory or _default_factory(prep))
+                                            factory or _default_factory(prep, store))
             try:
                 final = coordinator.run()
             except TrainingFailed as exc:
@@ -182,6 +185,8 @@ class Trainer:
             raise
         finally:
             stop.restore()
+            if store is not None:
+                store.close()
             if observer is not None:
                 observer.progress.close()
             if started_ray:
@@ -218,11 +223,11 @@ class Trainer:
                            wait_seconds=cfg.rendezvous_timeout)
 
 
-def _default_factory(prep: PreparedRun) -> GroupFactory:
+def _default_factory(prep: PreparedRun, store=None) -> GroupFactory:
     cfg, bundle = prep.config, prep.bundle
     if cfg.local:
         return lambda spec, size: LocalGroup(spec, bundle.x_train, bundle.y_train)
-    return lambda spec, size: RayGroup(spec, size, cfg.rendezvous_timeout)
+    return lambda spec, size: RayGroup(spec, size, cfg.rendezvous_timeout, store)
 
 
 class RunObserver:
