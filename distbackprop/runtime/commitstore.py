@@ -94,6 +94,13 @@ class SlotWriter:
         self._layout: Layout | None = None
         self._seq = first_seq - 1
 
+    def prepare(self, state: dict[str, np.ndarray]) -> None:
+        """Map both slots for states shaped like `state` now (at group start), so the first
+        commit does not pay for creating and touching them mid-training."""
+        layout, size = layout_of(state)
+        self._map(size)
+        self._layout = layout
+
     def write(self, state: dict[str, np.ndarray]) -> SharedState:
         """Copy `state` into the slot not holding the previous commit; its descriptor."""
         layout, size = layout_of(state)

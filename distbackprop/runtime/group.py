@@ -160,7 +160,12 @@ class _ActorBody:
         from .commitstore import SlotWriter, sees
         if not sees(directory, token):
             return False
-        self._slots = SlotWriter(directory, first_seq)
+        slots = SlotWriter(directory, first_seq)
+        try:
+            slots.prepare(self.worker.full_state_template())
+        except OSError:  # no room in /dev/shm (NoRoom): Ray's object store
+            return False
+        self._slots = slots
         return True
 
     def pid(self) -> ActorPid:

@@ -107,3 +107,12 @@ def test_no_room_for_the_slots_is_an_error_before_anything_is_mapped(store, monk
     with pytest.raises(commitstore.NoRoom, match="need"):
         w.write(_state(1.0))
     assert not (store.path / "slot0").exists() and not (store.path / "slot1").exists()
+
+
+def test_prepared_slots_are_written_in_place(store):
+    w = SlotWriter(str(store.path))
+    w.prepare(_state(0.0))
+    inodes = [os.stat(store.path / f"slot{i}").st_ino for i in range(2)]
+    d = w.write(_state(4.0))
+    assert [os.stat(store.path / f"slot{i}").st_ino for i in range(2)] == inodes
+    np.testing.assert_array_equal(d.read()["opt/grid"], 4.0)
