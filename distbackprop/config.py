@@ -72,7 +72,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     ray_address: str | None = None
     placement: str = "pack"
-    update_on: str = "workers"
+    update_on: str = "sharded"  # measured faster than "workers" at 2 workers (BENCHMARKS.md)
     overlap: bool | None = None
     chunk_steps: int | None = None
     launcher: str = "ray"
@@ -229,6 +229,9 @@ class TrainConfig:
             # loss None is chosen from the task later; the trainer checks it then.
             p.append(f"label_smoothing: only meaningful with loss 'cross_entropy', "
                      f"not {self.loss!r}")
+        if self.overlap and self.update_on == "sharded" and not self.local:
+            p.append("overlap: only with --update-on workers (the sharded update, the "
+                     "default, reduce-scatters the whole gradient after backward)")
         if not 0.0 <= self.momentum < 1.0:
             p.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
         if not 0.0 < self.lr_gamma <= 1.0:

@@ -89,7 +89,7 @@ def _figures(summary: dict, history: dict[str, np.ndarray]) -> dict:
 def _run_on_harness(cluster, data: Path, out: Path, steps: int) -> dict:
     """The "2 workers" run on the harness cluster, through the CLI in a subprocess."""
     from ..metrics.history import read_columns
-    cfg = _config(data, out, 2, steps, overlap=False, placement="spread",
+    cfg = _config(data, out, 2, steps, overlap=False, update_on="workers", placement="spread",
                   ray_address=cluster.address)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(cfg.to_yaml())
@@ -116,11 +116,12 @@ def _startup_seconds(data: Path, out: Path) -> float:
 
 VARIANTS = {
     "1 worker": dict(workers=1),
-    "2 workers": dict(workers=2, overlap=False),
-    "2 workers, overlap": dict(workers=2, overlap=True),
+    "2 workers": dict(workers=2, overlap=False, update_on="workers"),
+    "2 workers, overlap": dict(workers=2, overlap=True, update_on="workers"),
     "2 workers, update on coordinator": dict(workers=2, update_on="coordinator"),
     "2 workers, sharded update (ZeRO-1)": dict(workers=2, update_on="sharded"),
-    "2 workers, metrics on": dict(workers=2, metrics_port=0),  # a free port each run
+    # a free port each run
+    "2 workers, metrics on": dict(workers=2, metrics_port=0, update_on="workers"),
 }
 HARNESS = "2 workers on 2 nodes (namespaced harness)"
 DDP = "PyTorch DDP (gloo), 2 processes × 1 thread"

@@ -52,7 +52,9 @@ class ReplicaSpec:
 
     @property
     def sharded(self) -> bool:
-        return self.config.update_on == "sharded"
+        """ZeRO-1 (`--update-on sharded`, the default) among workers; `--local` is one
+        replica that updates everything itself."""
+        return self.config.update_on == "sharded" and not self.config.local
 
     def skip_policy(self) -> SkipPolicy:
         return SkipPolicy(self.config.on_nonfinite, self.config.max_consecutive_skips)

@@ -136,8 +136,10 @@ def test_streaming_with_two_workers_trains(ray_cluster, tmp_path):
 def test_diverged_replica_fails_the_run_clearly(ray_cluster, tmp_path, monkeypatch):
     from distbackprop.runtime.coordinator import TrainingFailed
     monkeypatch.setenv("DISTBACKPROP_TEST_FAULTS", '{"perturb_at": {"6": [1]}}')
+    # replicated update: under the sharded one the Allgather re-syncs every replica from
+    # each block's owner, so a perturbed copy cannot stay apart
     with pytest.raises(TrainingFailed, match="replicas diverged.*rank 1"):
-        _fit(tmp_path, "diverge", workers=2)
+        _fit(tmp_path, "diverge", workers=2, update_on="workers")
 
 
 def test_sharpness_and_remat_match_local(ray_cluster, local_result, tmp_path):

@@ -82,7 +82,8 @@ def test_rnn_sharded_update_equals_local(ray_cluster, data, tmp_path, tmp_path_f
         np.testing.assert_allclose(_time_cols(res)[c], want, rtol=1e-10, err_msg=c)
 
 
-@pytest.mark.parametrize("kw", [{"update_on": "coordinator"}, {"overlap": True}])
+@pytest.mark.parametrize("kw", [{"update_on": "coordinator"},
+                                {"update_on": "workers", "overlap": True}])
 def test_rnn_coordinator_update_and_overlap_equal_local(ray_cluster, data, tmp_path,
                                                         tmp_path_factory, kw):
     ref = _local(data, tmp_path_factory, "last", None)
