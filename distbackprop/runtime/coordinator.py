@@ -186,9 +186,9 @@ class Coordinator:
     """Drives a `WorkerGroup` from `commit.step` to `total_steps`.
 
     When the placement allows it (`Placement.pipelines`: Ray workers with the update on
-    the workers), the next chunk is queued before the current one's results arrive, so
-    the workers never wait for the coordinator's bookkeeping or for the round trip; a
-    failure or a stop discards or drains that queued chunk.
+    the workers, replicated or sharded), the next chunk is queued before the current
+    one's results arrive, so the workers never wait for the coordinator's bookkeeping or
+    for the round trip; a failure or a stop discards or drains that queued chunk.
     """
 
     def __init__(self, config: TrainConfig, group_factory: Callable[[int], WorkerGroup],
