@@ -388,12 +388,9 @@ class RayGroup:
         return out
 
     def load_state(self, state) -> None:
-        """`state`: a dict of arrays, a `SharedState`, or an object-store reference."""
+        """`state`: a dict of arrays, or an object-store reference to one (a commit from
+        the shared-memory store has been copied out before it is safe to restore)."""
         import ray
-
-        from .commitstore import SharedState
-        if isinstance(state, SharedState):
-            state = state.read()
         ref = ray.put(state) if isinstance(state, dict) else state
         self._gather([a.load_state.remote(ref) for a in self.actors], 120, "load state")
 
