@@ -53,7 +53,7 @@ _HELP = {
     "update_on": "workers|coordinator|sharded: where the optimizer step runs (sharded: "
                  "ZeRO-1, each worker updates its block of the parameters)",
     "overlap": "overlap bucketed allreduce with backward",
-    "chunk_steps": "steps per Ray call (default: about one second's worth)",
+    "chunk_steps": "steps per Ray call (default: about two seconds' worth)",
     "launcher": "ray|mpi (mpi: under mpiexec, rank 0 coordinates)",
     "vanish_threshold": "a layer whose gradient norm is below this is vanishing",
     "explode_threshold": "a layer whose gradient norm is above this (or non-finite) explodes",
@@ -150,8 +150,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks, each against its reference in the same run")
     b.add_argument("which", nargs="?", default="all",
-                   choices=["compute", "data", "allreduce", "rendezvous", "scaling", "soak",
-                            "memory", "hvp", "rnn", "nodeloss", "all"])
+                   choices=["compute", "data", "allreduce", "rendezvous", "scaling",
+                            "coordination", "soak", "memory", "hvp", "rnn", "nodeloss", "all"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
 

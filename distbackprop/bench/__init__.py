@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-ALL = ("compute", "data", "allreduce", "rendezvous", "scaling", "soak", "memory", "hvp",
-       "rnn", "nodeloss")
+ALL = ("compute", "data", "allreduce", "rendezvous", "scaling", "coordination", "soak", "memory",
+       "hvp", "rnn", "nodeloss")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

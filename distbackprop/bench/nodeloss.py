@@ -24,7 +24,7 @@ summary.json says the rest (its first failure: `noticed_at`, `verdict_seconds`,
   group killed, a new placement group, actors, MPI rendezvous, state restored);
 - total: the kill → that first chunk (≈ the sum of the three);
 - steps lost: steps every rank had finished at the kill that are run again
-  (PAUSE_STEP − resume_step): the chunk in flight, ~1 s of steps by default.
+  (PAUSE_STEP − resume_step): the chunk in flight, ~2 s of steps by default.
 
 Cases alternate (rank 1's node, then rank 0's) for `kills` rounds; medians per
 case. The killed node is restarted after each run, so every kill finds three.

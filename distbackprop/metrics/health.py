@@ -333,7 +333,31 @@ class StepStats:
                 for name in names}
 
 
+def pack_rows(rows: dict[str, np.ndarray]) -> bytes:
+    """`StepStats.as_dict()` rows as one bytes object (a layout, then every array's bytes
+    back to back): what a Ray worker returns per chunk. Ray serialises a dict of ~15 small
+    arrays in ~0.3 ms (~1 ms in a busy worker, holding the GIL the next chunk needs) and
+    these bytes in a few µs."""
+    import pickle
+    layout = [(k, v.dtype.str, v.shape) for k, v in rows.items()]
+    return pickle.dumps((layout, b"".join(np.ascontiguousarray(v).tobytes()
+                                          for v in rows.values())), protocol=5)
+
+
+def unpack_rows(packed: bytes) -> dict[str, np.ndarray]:
+    """The rows `pack_rows` packed (writable copies)."""
+    import pickle
+    layout, blob = pickle.loads(packed)
+    out, offset = {}, 0
+    for k, dtype, shape in layout:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        out[k] = np.frombuffer(blob, dtype, offset=offset,
+                               count=n // np.dtype(dtype).itemsize).reshape(shape).copy()
+        offset += n
+    return out
+
+
 __all__ = [
     "PHASES", "StepStats", "classify", "grad_health", "health_from_sums", "layer_norms",
-    "update_ratios", "update_ratios_between",
+    "pack_rows", "unpack_rows", "update_ratios", "update_ratios_between",
 ]

@@ -19,6 +19,32 @@ def rss_bytes(process: psutil.Process | None = None) -> int:
     return int((process or psutil.Process()).memory_info().rss)
 
 
+class SelfRss:
+    """This process's RSS in bytes, read cheaply enough to sample after every chunk: one
+    ``pread`` of ``/proc/self/statm`` on a descriptor kept open (~10 µs; psutil's
+    ``memory_info`` took ~0.25 ms in a busy worker). Falls back to psutil elsewhere."""
+
+    def __init__(self) -> None:
+        import os
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+        self._page = resource.getpagesize()
+
+    def __call__(self) -> int:
+        import os
+        if self._fd is None:
+            return rss_bytes()
+        return int(os.pread(self._fd, 256, 0).split()[1]) * self._page
+
+    def close(self) -> None:
+        import os
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process since it started, bytes (getrusage ru_maxrss)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -49,7 +75,7 @@ def model_bytes(params: np.ndarray, grads: np.ndarray,
     return {"params": _nbytes(params), "grads": _nbytes(grads), "optimizer": int(opt)}
 
 
-__all__ = ["model_bytes", "peak_rss_bytes", "process_memory", "rss_bytes"]
+__all__ = ["SelfRss", "model_bytes", "peak_rss_bytes", "process_memory", "rss_bytes"]
 
 
 def process_handles(process: psutil.Process | None = None) -> dict[str, int]:

@@ -32,6 +32,13 @@ from .group import ChunkAbandoned, WorkerFailure, WorkerGroup
 from .placement import Placement, ReplicasDiverged, run_chunk
 from .step import SkipPolicy
 
+# The wall time a chunk aims at (its steps are chosen from the measured step time). What a
+# chunk costs besides its steps (a few hundred µs on a Ray worker: the hand-over to the
+# queued chunk, its statistics and memory sample, and Ray's handling of both on 2 busy
+# cores) is spread over its steps. A stop does not wait for the chunk on Ray workers (it
+# ends within a step, see `Worker.request_stop`); elsewhere it waits for at most one.
+CHUNK_SECONDS = 2.0
+
 
 class State(enum.Enum):
     STARTING = "starting"
@@ -159,8 +166,9 @@ class RunStats:
     recovery_seconds: list[float] = field(default_factory=list)
     # when noticed/detected, why, which ranks, when the next group stepped (see _recover)
     failures: list[dict] = field(default_factory=list)
-    # per chunk: (steps, wall seconds from dispatch to results, Σ step_seconds)
-    chunks: list[tuple[int, float, float]] = field(default_factory=list)
+    # per chunk: (steps, wall seconds from dispatch to results, Σ step_seconds, whether it
+    # shipped the state: a commit)
+    chunks: list[tuple[int, float, float, bool]] = field(default_factory=list)
 
     def coordination_seconds_per_step(self) -> float | None:
         """Σ(wall − Σ step time) / Σ steps over the chunks after the first (a warm-up): what
@@ -168,8 +176,23 @@ class RunStats:
         A chunk's wall runs from when it could start (its submission, or the previous
         chunk's results if it was queued behind them) to when its results arrived."""
         rest = [c for c in self.chunks[1:] if c[0]]
-        steps = sum(n for n, _, _ in rest)
-        return sum(w - s for _, w, s in rest) / steps if steps else None
+        steps = sum(c[0] for c in rest)
+        return sum(c[1] - c[2] for c in rest) / steps if steps else None
+
+    def coordination(self) -> dict[str, float | int | None]:
+        """What coordination is made of, over the chunks after the first: µs per step (as
+        above), the median ms a chunk adds without and with a commit, steps per chunk."""
+        rest = [c for c in self.chunks[1:] if c[0]]
+
+        def ms(xs: list[float]) -> float | None:
+            return float(np.median(xs)) * 1e3 if xs else None
+
+        per_step = self.coordination_seconds_per_step()
+        return {"us_per_step": None if per_step is None else per_step * 1e6,
+                "chunks": len(rest), "commits": sum(c[3] for c in rest),
+                "steps_per_chunk": float(np.median([c[0] for c in rest])) if rest else None,
+                "chunk_ms": ms([c[1] - c[2] for c in rest if not c[3]]),
+                "commit_chunk_ms": ms([c[1] - c[2] for c in rest if c[3]])}
 
 
 @dataclass
@@ -224,6 +247,7 @@ class Coordinator:
         self._queued: _Pending | None = None  # the chunk queued behind the one collected
         self._last_done = 0.0  # time.time() when the last chunk's results arrived
         self._resuming: dict | None = None  # the failure whose new group has not stepped yet
+        self._stop_sent = False  # the group was asked to stop (see _while_waiting)
 
     @property
     def commit(self) -> Commit:
@@ -238,7 +262,8 @@ class Coordinator:
             raise TrainingFailed(f"{exc}; the last commit is at step {safe.step}") from None
         self._next_size = None
         self.group = self.group_factory(size)
-        self.group.interrupt = self._abandon
+        self.group.interrupt = self._while_waiting
+        self._stop_sent = False
         try:
             self.group.start()
         finally:
@@ -246,10 +271,18 @@ class Coordinator:
         self.placement.restore(self.group, self.commit.step, self.commit.state)
         self._state_at = time.monotonic()
 
-    def _abandon(self) -> bool:
-        """True once a stop was requested more than `stop_grace` seconds ago."""
+    def _while_waiting(self) -> bool:
+        """Polled while the group works: on a stop, the group is asked once to end the
+        running chunk within a step and run no step of the queued one (where it can:
+        `request_stop`); True (abandon the chunk in flight) once the stop was requested
+        more than `stop_grace` seconds ago."""
         t = self.stop()
-        return t is not None and time.monotonic() - t > self.stop_grace
+        if t is None:
+            return False
+        if not self._stop_sent and hasattr(self.group, "request_stop"):
+            self._stop_sent = True
+            self.group.request_stop()
+        return time.monotonic() - t > self.stop_grace
 
     def _chunk_size(self, step: int) -> int:
         c = self.config
@@ -259,7 +292,7 @@ class Coordinator:
         elif self._step_estimate is None:
             k = 2  # a short first chunk measures the step time
         else:
-            k = int(max(1, min(10_000, round(1.0 / max(self._step_estimate, 1e-6)))))
+            k = int(max(1, min(10_000, round(CHUNK_SECONDS / max(self._step_estimate, 1e-6)))))
         if c.checkpoint_every:
             k = min(k, c.checkpoint_every - step % c.checkpoint_every)
         return max(1, min(k, remaining))
@@ -392,8 +425,10 @@ class Coordinator:
     def _submit(self, start: int, consecutive: int | None) -> _Pending:
         k = self._chunk_size(start)
         t = time.time()
-        handle = self.placement.submit(self.group, start, k, consecutive,
-                                       want_state=self._want_state(start + k))
+        want_state = self._want_state(start + k)
+        if want_state:  # a chunk queued behind this one need not ship the state again
+            self._state_at = time.monotonic()
+        handle = self.placement.submit(self.group, start, k, consecutive, want_state)
         return _Pending(start, k, handle, t)
 
     def _drain(self) -> None:
@@ -408,8 +443,8 @@ class Coordinator:
         if pending is None:
             pending = self._submit(self.step, self.consecutive_skips)
         end = pending.start + pending.k
-        if (self._step_estimate is not None and end < self.total_steps
-                and self.stop() is None and self.placement.pipelines(self.group)):
+        if (end < self.total_steps and self.stop() is None
+                and self.placement.pipelines(self.group)):
             self._queued = self._submit(end, None)  # each worker goes on from its own count
         self._collect(pending)
 
@@ -424,10 +459,15 @@ class Coordinator:
             self._resuming = None
         res = self.placement.collect(self.group, pending.handle, self._deadline(k))
         stats = res.stats
+        if step != self.step:  # queued behind a chunk a stop cut short: it ran no step
+            if len(stats["step"]):
+                raise RuntimeError(f"steps {step}.. ran after a chunk that ended at step "
+                                   f"{self.step}")
+            return
         self.stats.last_step_end = self._last_done = time.time()
         n = len(stats["step"])
         self.stats.chunks.append((n, self.stats.last_step_end - t0,
-                                  float(stats["step_seconds"].sum())))
+                                  float(stats["step_seconds"].sum()), res.state is not None))
         if n:
             self._step_estimate = float(np.median(stats["step_seconds"]))
         self.stats.samples += int(stats["samples"].sum())

@@ -10,6 +10,7 @@ only remedy is to kill the whole group and start a new one.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +18,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..metrics.health import pack_rows, unpack_rows
 from ..threads import blas_env
 from .faults import worker_class
 from .worker import ReplicaSpec, Worker
+
+# Calls a worker actor takes at once: the running chunk, the one queued behind it, and
+# room for a stop request, a probe (`pid`) and a call that arrives while a chunk is
+# abandoned.
+_ACTOR_THREADS = 4
 
 # How long a recovery waits for the GCS to declare an unreachable node dead (Ray's default
 # health checks take ~14 s here; see deploy/README.md for tightening them).
@@ -100,7 +107,7 @@ class LocalGroup(RunsOnCollect):
     """One in-process replica on `LocalComm`: `--local` mode, no Ray, no MPI."""
 
     size = 1
-    interrupt = None  # a chunk in this process cannot be abandoned; it ends within ~1 s
+    interrupt = None  # a chunk in this process cannot be abandoned; it ends within ~2 s
 
     def __init__(self, spec: GroupSpec, x: np.ndarray | None, y: np.ndarray | None):
         self.spec, self.x, self.y = spec, x, y
@@ -135,8 +142,71 @@ def _limit_blas(cpus: int) -> None:
     threadpool_limits(limits=cpus)
 
 
+class Turns:
+    """One thread that runs an actor's calls in the order of their tickets.
+
+    A worker actor takes several calls at once (`max_concurrency`), so the chunk the
+    coordinator queued is already here when the running one ends. Each call hands its
+    work to this thread and waits for it: the thread goes from one chunk straight into
+    the next while Ray stores the finished chunk's results and replies on the caller's
+    thread. (On a one-thread actor, or with the work on Ray's threads, Ray's reply and
+    the hand-over to the next call idled the worker ~1–1.5 ms per chunk.) Ray does not
+    promise the order in which a threaded actor starts calls, so each carries a ticket
+    (0, 1, 2, … per actor, in submission order); MPI sees one caller, this thread.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._jobs: dict[int, tuple] = {}
+        self._cond = threading.Condition()
+        threading.Thread(target=self._loop, name="worker-turns", daemon=True).start()
+
+    def run(self, ticket: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the turns thread once every earlier ticket has run; its result
+        (or exception) here."""
+        done = threading.Event()
+        out: list = []
+        with self._cond:
+            self._jobs[ticket] = (fn, args, out, done)
+            self._cond.notify_all()
+        done.wait()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+    def _loop(self) -> None:
+        job = self._take()
+        while True:
+            fn, args, out, done = job
+            try:
+                out.append(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                out.append(exc)
+            # Take the next call (already queued, in a steady run) before waking this one's
+            # caller: Ray's handling of the result then holds the GIL while the next chunk
+            # is already inside its first BLAS call, instead of before it starts.
+            with self._cond:
+                ready = self._next in self._jobs
+            if ready:
+                job = self._take()
+                done.set()
+            else:
+                done.set()
+                job = self._take()
+
+    def _take(self) -> tuple:
+        with self._cond:
+            self._cond.wait_for(lambda: self._next in self._jobs)
+            self._next += 1
+            return self._jobs.pop(self._next - 1)
+
+
 class _ActorBody:
-    """The plain class a Ray actor wraps: builds a `Worker` from a `GroupSpec`."""
+    """The plain class a Ray actor wraps: builds a `Worker` from a `GroupSpec`.
+
+    The underscored methods are called through `call` with a ticket and run in ticket
+    order on one thread (`Turns`); `pid`, `sees_store` and `request_stop` answer at once
+    on a spare thread, even while a chunk runs."""
 
     def __init__(self, spec: GroupSpec, rank: int, world: int):
         cfg = spec.replica.config
@@ -152,21 +222,49 @@ class _ActorBody:
             x, y = b.x_train, b.y_train
         self.worker = spec.build_worker(rank, world, x, y)
         self.rank, self.world = rank, world
-        self._slots = None  # rank 0 on the coordinator's machine: commits via /dev/shm
+        self._slots = None  # on the coordinator's machine: commits via /dev/shm
+        self._split = False  # every rank writes its block of each commit (see _run_chunk)
+        self._turns = Turns()
 
-    def use_commit_store(self, directory: str, token: str, first_seq: int) -> bool:
-        """Write commits into the coordinator's shared-memory store, if this process sees
-        it (`commitstore`); False: they keep going through Ray's object store."""
+    def call(self, ticket: int, method: str, *args: Any) -> Any:
+        """Run `method(*args)` when `ticket`'s turn comes (see `Turns`)."""
+        return self._turns.run(ticket, getattr(self, "_" + method), *args)
+
+    def request_stop(self) -> None:
+        """A stop: the running chunk ends within a step, later ones run none (answered on
+        a spare thread, not in turn; see `Worker.request_stop`)."""
+        self.worker.request_stop()
+
+    def sees_store(self, directory: str, token: str) -> bool:
+        """Whether this process sees the coordinator's shared-memory commit store."""
+        from .commitstore import sees
+        return sees(directory, token)
+
+    def _use_commit_store(self, directory: str, token: str, first_seq: int,
+                          split: bool) -> bool:
+        """Write commits into the coordinator's shared-memory store (`commitstore`): rank 0
+        makes the slots; with `split` every rank of the group (all on this machine) maps
+        them and writes its block of each commit. False: no room, or this process does not
+        see the store; commits then go through Ray's object store."""
         from .commitstore import SlotWriter, sees
         if not sees(directory, token):
             return False
         slots = SlotWriter(directory, first_seq)
         try:
-            slots.prepare(self.worker.full_state_template())
-        except OSError:  # no room in /dev/shm (NoRoom): Ray's object store
+            if self.rank == 0:
+                slots.prepare(self.worker.full_state_template())
+            else:
+                slots.attach(self.worker.full_state_template())
+        except OSError:  # no room in /dev/shm (NoRoom)
             return False
-        self._slots = slots
+        self._slots, self._split = slots, split
         return True
+
+    def _commit_split(self, on: bool) -> None:
+        """Turn split commits off (a rank could not map the slots): rank 0 gathers."""
+        self._split = on
+        if not on and self.rank != 0:
+            self._slots = None
 
     def pid(self) -> ActorPid:
         """This process's PID with where it is valid: the Ray node and the namespaces."""
@@ -176,13 +274,13 @@ class _ActorBody:
         return ActorPid(os.getpid(), ray.get_runtime_context().get_node_id(),
                         process_identity())
 
-    def open_ports(self, peers: list[dict]) -> str:
+    def _open_ports(self, peers: list[dict]) -> str:
         """The MPI ports this rank accepts on in the rendezvous (MPI starts here)."""
         _transport_for(peers)
         from ..comm.mpi import open_ports
         return open_ports(self.rank, self.world)
 
-    def join(self, ports: list[str], timeout: float, peers: list[dict]) -> int:
+    def _join(self, ports: list[str], timeout: float, peers: list[dict]) -> int:
         """Form the group (each rank's join closes its own ports, on success or failure)."""
         _transport_for(peers)
         from ..comm.mpi import join
@@ -190,32 +288,46 @@ class _ActorBody:
         self.worker.set_comm(comm)
         return comm.size
 
-    def run_chunk(self, start: int, k: int, consecutive_skips: int | None,
-                  want_state: bool) -> tuple[dict, dict | None]:
-        """(statistics, rank 0's state). Called with num_returns=2: the state becomes its
-        own object, owned by the coordinator, and is serialized without a copy here
-        first (the actor does nothing else until the return value is stored). A chunk that
-        ships the state also carries the parameter checksum (see `check_replicas`)."""
-        res = self.worker.run_chunk(start, k, consecutive_skips)
+    def _run_chunk(self, start: int, k: int, consecutive_skips: int | None,
+                   want_state: bool) -> dict | tuple[dict, Any]:
+        """The statistics; with `want_state`, (statistics, rank 0's state), called with
+        num_returns=2: the state becomes its own object, owned by the coordinator — or,
+        with a commit store, rank 0 writes it into a shared-memory slot and returns the
+        slot's `SharedState` descriptor. A chunk that ships the state also carries the
+        parameter checksum (see `check_replicas`). (One return object per chunk that ships
+        nothing: each costs Ray's bookkeeping on the coordinator too.)"""
+        res = _packed(self.worker.run_chunk(start, k, consecutive_skips))
         if not want_state:
-            return res, None
+            return res
         res["checksum"] = self.worker.checksum()
+        if self._split:  # every rank writes its block, in parallel; rank 0 seals the slot
+            comm = self.worker.comm
+            into = self._slots.begin(mark=self.rank == 0)
+            comm.barrier()  # the slot reads as torn before anyone writes into it
+            self.worker.write_state_block(into)
+            comm.barrier()  # every block is in
+            return res, (self._slots.finish() if self.rank == 0 else None)
+        if self._slots is not None:  # rank 0 alone (optimizer blocks gathered into the slot)
+            self.worker.commit_state(self._slots.begin())
+            return res, self._slots.finish()
         state = self.worker.commit_state()  # collective when the update is sharded
-        if state is not None and self._slots is not None:
-            try:
-                state = self._slots.write(state)  # a `SharedState` descriptor
-            except OSError:  # no room in /dev/shm (NoRoom), or it went away: Ray's store
-                self._slots = None
-        return res, state
+        # The next call's turn starts when this returns, while Ray still serialises the
+        # result on this thread: hand it arrays the next chunk does not write.
+        return res, None if state is None else {k: v.copy() for k, v in state.items()}
 
-    def grad_step(self, step: int, params) -> dict:
+    def _grad_step(self, step: int, params) -> dict:
         return self.worker.reduced_gradient(step, params)
 
-    def load_state(self, state: dict) -> None:
+    def _load_state(self, state: dict) -> None:
         self.worker.load_state_(state)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self.worker.comm.close()
+
+
+def _packed(result: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's result with its statistics as one bytes object (`pack_rows`)."""
+    return {**result, "stats": pack_rows(result["stats"])}
 
 
 class RayGroup:
@@ -233,6 +345,7 @@ class RayGroup:
         self.commit_store = commit_store
         self._shared_commits = False
         self.actors: list = []
+        self._tickets: list[int] = []  # the next ticket of each actor (see `Turns`)
         self.pids: list[int] = []
         self.pg = None
         self.interrupt: Callable[[], bool] | None = None  # True: abandon the chunk in flight
@@ -257,23 +370,24 @@ class RayGroup:
         actor_cls = ray.remote(_ActorBody)
         self.actors = [
             actor_cls.options(
-                num_cpus=cpus, max_restarts=0, max_concurrency=1,
+                num_cpus=cpus, max_restarts=0, max_concurrency=_ACTOR_THREADS,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env},
             ).remote(self.spec, i, self.size)
             for i in range(self.size)
         ]
+        self._tickets = [0] * self.size
         self.pids = self._gather([a.pid.remote() for a in self.actors],
                                  self.rendezvous_timeout, "start")
         if self.size > 1:
             peers = [p.identity for p in self.pids]  # decides the MPI transport (UCX_TLS)
             # Two phases, each on every actor at once: open the ports each rank leads,
             # then join with all of them (recursive doubling, ⌈log₂ N⌉ rounds).
-            ports = self._gather([a.open_ports.remote(peers) for a in self.actors],
+            ports = self._gather(self._call_all("open_ports", peers),
                                  self.rendezvous_timeout, "open their MPI ports")
-            sizes = self._gather([a.join.remote(ports, self.rendezvous_timeout, peers)
-                                  for a in self.actors],
+            sizes = self._gather(self._call_all("join", ports, self.rendezvous_timeout,
+                                                 peers),
                                  self.rendezvous_timeout + 5, "join the MPI communicator")
             if any(s != self.size for s in sizes):
                 raise WorkerFailure(f"communicator formed with sizes {sizes}, expected "
@@ -281,14 +395,35 @@ class RayGroup:
         self._attach_commit_store()
 
     def _attach_commit_store(self) -> None:
-        """Rank 0 on this machine writes commits into the shared-memory store."""
+        """Rank 0 on this machine writes commits into the shared-memory store; when every
+        rank is here, each writes its block of every commit (split commits)."""
         store = self.commit_store
-        if store is None or 0 not in _local_ranks(self.pids):
+        local = _local_ranks(self.pids)
+        if store is None or 0 not in local:
             return
-        self._shared_commits = self._gather(
-            [self.actors[0].use_commit_store.remote(str(store.path), store.token,
-                                                    store.first_seq())],
-            self.rendezvous_timeout, "open the commit store")[0]
+        where = (str(store.path), store.token)
+        args = (*where, store.first_seq())
+        split = len(local) == self.size > 1 and all(self._gather(
+            [a.sees_store.remote(*where) for a in self.actors], self.rendezvous_timeout,
+            "look for the commit store"))
+        what = "open the commit store"
+        self._shared_commits = self._gather([self._call(0, "use_commit_store", *args, split)],
+                                            self.rendezvous_timeout, what)[0]
+        if not (self._shared_commits and split):
+            return
+        if not all(self._gather([self._call(i, "use_commit_store", *args, True)
+                                 for i in range(1, self.size)], self.rendezvous_timeout, what)):
+            self._gather(self._call_all("commit_split", False), self.rendezvous_timeout, what)
+
+    def _call(self, rank: int, method: str, *args: Any, num_returns: int = 1) -> Any:
+        """Queue `method(*args)` on actor `rank` with its next ticket (see `Turns`)."""
+        ticket, self._tickets[rank] = self._tickets[rank], self._tickets[rank] + 1
+        return self.actors[rank].call.options(num_returns=num_returns).remote(
+            ticket, method, *args)
+
+    def _call_all(self, method: str, *args: Any, num_returns: int = 1) -> list:
+        return [self._call(i, method, *args, num_returns=num_returns)
+                for i in range(len(self.actors))]
 
     def _gather(self, refs: list, deadline: float, what: str) -> list:
         """ray.get with a deadline; the first actor death or the deadline → WorkerFailure."""
@@ -367,21 +502,29 @@ class RayGroup:
     def submit_chunk(self, start: int, k: int, consecutive_skips: int | None,
                      want_state: bool = True) -> tuple:
         """Queue the chunk on every actor (each runs its calls in order) and return."""
-        pairs = [a.run_chunk.options(num_returns=2).remote(start, k, consecutive_skips,
-                                                            want_state)
-                 for a in self.actors]
+        refs = self._call_all("run_chunk", start, k, consecutive_skips, want_state,
+                              num_returns=2 if want_state else 1)
+        pairs = [tuple(r) if want_state else (r, None) for r in refs]
         return start, k, pairs, want_state
+
+    def request_stop(self) -> None:
+        """A stop: the running chunk ends within a step (on every rank at the same one),
+        and the chunks queued behind it run none."""
+        for actor in self.actors:
+            actor.request_stop.remote()
 
     def collect_chunk(self, pending: tuple, deadline: float) -> tuple[list[dict], Any]:
         start, k, pairs, want_state = pending
         results = self._gather([p[0] for p in pairs], deadline,
                                f"finish steps {start}..{start + k - 1}")
+        for r in results:
+            r["stats"] = unpack_rows(r["stats"])
         return results, (pairs[0][1] if want_state else None)
 
     def grad_step(self, step: int, params, deadline: float) -> dict[str, Any]:
         import ray
         ref = ray.put(params) if params is not None else None
-        res = self._gather([a.grad_step.remote(step, ref) for a in self.actors], deadline,
+        res = self._gather(self._call_all("grad_step", step, ref), deadline,
                            f"finish step {step}")
         out = res[0]
         out["memory_all"] = {r["rank"]: r["memory"] for r in res}
@@ -392,7 +535,7 @@ class RayGroup:
         the shared-memory store has been copied out before it is safe to restore)."""
         import ray
         ref = ray.put(state) if isinstance(state, dict) else state
-        self._gather([a.load_state.remote(ref) for a in self.actors], 120, "load state")
+        self._gather(self._call_all("load_state", ref), 120, "load state")
 
     def shutdown(self, graceful: bool = False) -> None:
         """Kill every actor, wait until each is gone, and remove the placement group.
@@ -405,7 +548,7 @@ class RayGroup:
         import ray
         if graceful and self.actors:
             try:
-                self._gather([a.close.remote() for a in self.actors], 10, "close")
+                self._gather(self._call_all("close"), 10, "close")
             except WorkerFailure:
                 pass
         for a in self.actors:
@@ -418,7 +561,7 @@ class RayGroup:
         end = time.monotonic() + 15.0
         _wait_pids_gone([self.pids[i] for i in sorted(local)], 15.0)
         _wait_actors_dead(remote, max(1.0, end - time.monotonic()))
-        self.actors, self.pids = [], []
+        self.actors, self.pids, self._tickets = [], [], []
         if self.pg is not None:
             try:
                 from ray.util.placement_group import remove_placement_group
@@ -469,8 +612,8 @@ def _wait_actors_dead(actors: list, timeout: float) -> list:
     """Wait until Ray reports each (killed) actor dead; returns those it did not in time.
 
     A call on a dead actor fails with RayActorError; one that returns means the actor was
-    still alive, so it is asked again. With max_concurrency=1 a probe queued behind a hung
-    task simply waits for the kill to land.
+    still alive, so it is asked again (a spare thread of the actor answers even behind a
+    hung chunk) until the kill lands.
     """
     import ray
     from ray.exceptions import RayError

@@ -25,7 +25,7 @@ CMD_STOP, CMD_CHUNK, CMD_GRAD, CMD_LOAD = 0, 1, 2, 3
 class MpiRootGroup(RunsOnCollect):
     """The `WorkerGroup` protocol on rank 0 of COMM_WORLD."""
 
-    interrupt = None  # rank 0 computes too: its chunk ends within ~1 s
+    interrupt = None  # rank 0 computes too: its chunk ends within ~CHUNK_SECONDS
 
     def __init__(self, worker: Worker, comm):
         self.worker, self.comm = worker, comm

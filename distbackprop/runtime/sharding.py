@@ -50,31 +50,37 @@ class ShardedGradient:
         self.grads = np.zeros(shard.size, dtype=dtype)
         L = len(shard.layer_slices)
         self.L = L
-        self.ctrl = np.zeros(2 + 2 * L)  # [Σ loss, Σ flags, Σg² per layer, non-finite per layer]
+        # [Σ loss, Σ flags, Σg² per layer, non-finite per layer, extra…, Σ stop requests]
+        self.ctrl = np.zeros(3 + 2 * L)
+        self.stop = False  # after reduce_: some rank asked the chunk to stop
         self.max_abs = np.zeros(1)
 
     def reduce_(self, comm, full_grads: np.ndarray, local_loss: float, bad_loss: bool,
-                extra: np.ndarray | None = None) -> tuple[float, dict, bool]:
+                extra: np.ndarray | None = None, stop: bool = False
+                ) -> tuple[float, dict, bool]:
         """(global loss, health of the whole reduced gradient, skip) — every rank alike.
 
         `extra` (e.g. an RNN's per-time Σ‖∂L/∂h_t‖²) is SUM-reduced in place in the same
-        control allreduce."""
+        control allreduce, and so is this rank's `stop` request: `self.stop` is then
+        whether any rank asked to stop."""
         comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
         h = grad_health(self.grads, self.shard.layer_slices)
         L = self.L
         n_extra = 0 if extra is None else extra.size
-        if self.ctrl.size != 2 + 2 * L + n_extra:
-            self.ctrl = np.zeros(2 + 2 * L + n_extra)
+        if self.ctrl.size != 3 + 2 * L + n_extra:
+            self.ctrl = np.zeros(3 + 2 * L + n_extra)
         c = self.ctrl
         c[0] = local_loss
         c[1] = 1.0 if bad_loss else 0.0
         c[2:2 + L] = np.square(h["grad_norm"])
         c[2 + L:2 + 2 * L] = h["nonfinite_per_layer"]
         if extra is not None:
-            c[2 + 2 * L:] = extra
+            c[2 + 2 * L:-1] = extra
+        c[-1] = 1.0 if stop else 0.0
         comm.allreduce_(c)
         if extra is not None:
-            extra[...] = c[2 + 2 * L:]
+            extra[...] = c[2 + 2 * L:-1]
+        self.stop = bool(c[-1] > 0)
         m = h["grad_max_abs"]
         self.max_abs[0] = -np.inf if m != m else m  # a block with no finite entry: no vote
         comm.allreduce_(self.max_abs, op="max")
@@ -124,14 +130,18 @@ class ShardedRule:
         return self.rule.state_views()[key].shape == (self.shard.size,) and \
             key != UpdateRule.STATE_PREFIX + "t"
 
-    def gather_full(self, comm) -> dict[str, np.ndarray] | None:
-        """The whole optimizer state on rank 0 (collective; None on other ranks)."""
+    def gather_full(self, comm, into: dict[str, np.ndarray] | None = None
+                    ) -> dict[str, np.ndarray] | None:
+        """The whole optimizer state on rank 0 (collective; None on other ranks); rank 0
+        gathers each per-parameter array straight into `into[key]` (P,) when given."""
         out: dict[str, np.ndarray] = {}
         for k, v in self.rule.state_views().items():
             if not self.elementwise(k):
                 out[k] = v.copy()
                 continue
-            full = np.empty(self.shard.n, v.dtype) if comm.rank == 0 else None
+            full = None
+            if comm.rank == 0:
+                full = into[k] if into is not None else np.empty(self.shard.n, v.dtype)
             comm.gather_(v, full, self.shard.counts)
             out[k] = full
         return out if comm.rank == 0 else None

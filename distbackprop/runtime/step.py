@@ -73,12 +73,14 @@ class SkipPolicy:
 
 
 def train_step_(source: GradientSource, rule: UpdateRuleLike, params: np.ndarray, step: int,
-                epoch: int, stats: StepStats) -> bool:
+                epoch: int, stats: StepStats, t0: float | None = None) -> tuple[bool, float]:
     """One step: g = ∇L(θ) reduced over ranks, then θ ← rule(θ, g) unless skipped.
 
-    Updates `params` in place and records the step's row in `stats`. Returns skip.
+    Updates `params` in place and records the step's row in `stats`, its `step_seconds`
+    counted from `t0` (`time.perf_counter()`; default: now). Returns (skip, the time it
+    ended).
     """
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     g = source.gradient(step)
     t_update = time.perf_counter()
     if g.skip:
@@ -95,8 +97,9 @@ def train_step_(source: GradientSource, rule: UpdateRuleLike, params: np.ndarray
                  step_seconds=t_end - t0, phase_seconds=phases)
     # the step's own bookkeeping (its row, ~20-50 µs with caches cold from the GEMMs) is
     # part of the step: `step_seconds` ends after it, so what a chunk adds stays apart
-    stats.step_seconds[stats.n - 1] = time.perf_counter() - t0
-    return g.skip
+    t_end = time.perf_counter()
+    stats.step_seconds[stats.n - 1] = t_end - t0
+    return g.skip, t_end
 
 
 def run_steps_(source: GradientSource, rule: UpdateRuleLike, params: np.ndarray, start: int,
@@ -108,11 +111,12 @@ def run_steps_(source: GradientSource, rule: UpdateRuleLike, params: np.ndarray,
     Returns the consecutive-skip count after the last step run.
     """
     stats.reset(k)
-    for step in range(start, start + k):
+    t = time.perf_counter()  # a step's time runs from the end of the one before: the
+    for step in range(start, start + k):  # loop's own ~10 µs per step are the steps'
         value = np.nan
         if sharpness is not None and sharpness_every and step % sharpness_every == 0:
             value = sharpness(step)
-        skipped = train_step_(source, rule, params, step, step // steps_per_epoch, stats)
+        skipped, t = train_step_(source, rule, params, step, step // steps_per_epoch, stats, t)
         stats.sharpness[stats.n - 1] = value
         consecutive = policy.count(consecutive, skipped)
         if policy.failure(consecutive, skipped, step) is not None:

@@ -382,6 +382,7 @@ def _summary(prep: PreparedRun, model, coordinator: Coordinator, obs: RunObserve
         "failures": st.failures,
         "skipped_steps": st.skipped,
         "coordination_seconds_per_step": st.coordination_seconds_per_step(),
+        "coordination": st.coordination(),
         "optimizer_bytes_per_worker": obs.optimizer_bytes,
         "status": "interrupted" if interrupted else "finished",
         "loss": loss,

@@ -27,6 +27,14 @@ from .models import build_model
 from .step import Gradient, SkipPolicy, run_steps_
 
 
+class StopAgreed(Exception):
+    """Some rank was asked to stop (`Worker.request_stop`): the chunk ends here."""
+
+
+# Seconds between samples of a worker's open fds and threads (see `Worker.memory`).
+HANDLES_EVERY = 10.0
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     """What every replica needs to build itself; small, so it travels to Ray actors cheaply."""
@@ -109,7 +117,7 @@ class Worker:
         # slices is the one-process value — reduced in this same allreduce, then sqrt.
         self._time_sq = getattr(self.model, "time_sq", None)
         n_time = 0 if self._time_sq is None else self._time_sq.size
-        self._ctrl = np.zeros(2 + n_time, dtype=np.float64)
+        self._ctrl = np.zeros(3 + n_time, dtype=np.float64)  # [loss, bad, time…, stop]
         self._t = np.zeros(5)  # phase boundaries of the current step (perf_counter)
         self._phases = np.zeros(4)
         self._stats = StepStats(1, self.model.layer_names)
@@ -118,6 +126,10 @@ class Worker:
         self._make_bucketer()
         self.peak_activation_bytes = 0
         self._process = None  # psutil.Process of this worker, made on first use
+        self._rss = None  # its RSS reader (`SelfRss`), made with it
+        self._stop = False  # see request_stop
+        self._handles: dict[str, int] | None = None  # open fds and threads, sampled at
+        self._handles_at = 0.0  # (time.monotonic())
 
     # state ------------------------------------------------------------------------
     def set_comm(self, comm) -> None:
@@ -133,15 +145,56 @@ class Worker:
                 self.comm, self.model.grads,
                 [(n, self._slice_map[n]) for n in reversed(self.model.layer_names)])
 
-    def commit_state(self) -> dict[str, np.ndarray] | None:
+    def commit_state(self, into: dict[str, np.ndarray] | None = None
+                     ) -> dict[str, np.ndarray] | None:
         """The whole training state on rank 0 — params and the update rule's state (views,
-        serialised at once by the caller) — and None on other ranks. Collective when the
-        update is sharded: the optimizer's blocks are gathered to rank 0."""
+        copied or serialised at once by the caller) — and None on other ranks. Collective
+        when the update is sharded: the optimizer's blocks are gathered to rank 0.
+
+        `into` (rank 0): arrays shaped like `full_state_template()` (a commit slot in
+        shared memory) that receive the state instead, gathered blocks included; returned.
+        """
         if self.shard is not None:
-            opt = self.rule.gather_full(self.comm)
-            return None if opt is None else {"params": self.model.params, **opt}
-        return {"params": self.model.params, **self.rule.state_views()} \
-            if self.rank == 0 else None
+            opt = self.rule.gather_full(self.comm, into)
+            if opt is None:
+                return None
+        elif self.rank == 0:
+            opt = self.rule.state_views()
+        else:
+            return None
+        state = {"params": self.model.params, **opt}
+        if into is None:
+            return state
+        for k, v in state.items():
+            if v is not into[k]:
+                into[k][...] = v
+        return into
+
+    def write_state_block(self, into: dict[str, np.ndarray]) -> None:
+        """This rank's part of the whole state, written into `into` (arrays shaped like
+        `full_state_template()`: a commit slot every rank of the group maps).
+
+        Elements [lo, hi) of θ (P,) and of every per-parameter optimizer array — the block
+        this rank updates when the update is sharded, `shard_counts`' split of P
+        otherwise — and, on rank 0, the rest (e.g. Adam's step count). Together the
+        ranks write the whole state once, in parallel; not collective (the caller fences
+        it)."""
+        n = self.model.params.size
+        if self.shard is not None:
+            lo, hi = self.shard.lo, self.shard.hi
+        else:
+            from .sharding import shard_counts
+            counts = shard_counts(n, self.world)
+            lo = int(counts[:self.rank].sum())
+            hi = lo + int(counts[self.rank])
+        into["params"][lo:hi] = self.model.params[lo:hi]
+        for k, v in self.rule.state_views().items():
+            if self.shard is not None and self.rule.elementwise(k):
+                into[k][lo:hi] = v  # this rank's block is all it holds
+            elif self.shard is None and v.shape == (n,):
+                into[k][lo:hi] = v[lo:hi]
+            elif self.rank == 0:
+                into[k][...] = v
 
     def full_state_template(self) -> dict[str, np.ndarray]:
         """Zero arrays shaped like the whole state (what `commit_state` returns on rank 0)."""
@@ -172,16 +225,20 @@ class Worker:
         return local_checksum(self.model.params)
 
     def memory(self) -> dict[str, int]:
-        """RSS, peak RSS, peak activation bytes, open fds and threads of this process (one
-        /proc read per figure: it is sampled after every chunk)."""
-        from ..metrics.memory import peak_rss_bytes, process_handles, rss_bytes
+        """RSS, peak RSS, peak activation bytes, open fds and threads of this process.
+
+        Sampled after every chunk: RSS and the peaks each time (`SelfRss`), the fd and
+        thread counts (leak indicators, ~0.5 ms of /proc reads in a busy worker) at most
+        every `HANDLES_EVERY` seconds."""
+        from ..metrics.memory import SelfRss, peak_rss_bytes, process_handles
         if self._process is None:
             import psutil
-            self._process = psutil.Process()
-        with self._process.oneshot():
-            return {"rss_bytes": rss_bytes(self._process), "peak_rss_bytes": peak_rss_bytes(),
-                    "activation_bytes": int(self.peak_activation_bytes),
-                    **process_handles(self._process)}
+            self._process, self._rss = psutil.Process(), SelfRss()
+        now = time.monotonic()
+        if self._handles is None or now - self._handles_at >= HANDLES_EVERY:
+            self._handles, self._handles_at = process_handles(self._process), now
+        return {"rss_bytes": self._rss(), "peak_rss_bytes": peak_rss_bytes(),
+                "activation_bytes": int(self.peak_activation_bytes), **self._handles}
 
     # the gradient ---------------------------------------------------------------------
     def local_gradient_(self, step: int) -> tuple[float, int]:
@@ -203,18 +260,29 @@ class Worker:
         self.net.backward(dy, on_layer_done=hook)
         return local_loss, global_count
 
+    def request_stop(self) -> None:
+        """A stop (from another thread): the running chunk ends before the update of the
+        step in which every rank learns of it, and later chunks run no step. The request
+        travels in each step's control allreduce, so the ranks agree on that step."""
+        self._stop = True
+
     def gradient(self, step: int) -> Gradient:
         """The global mean gradient of `step` (identical on every rank), its health, and
         the skip decision. The loss and a non-finite flag travel in one SUM-allreduce of
         two floats (a SUM of 0/1 flags > 0 is their MAX), so every rank decides alike
-        even when only one rank's data showed the problem."""
+        even when only one rank's data showed the problem.
+
+        Raises `StopAgreed` (before the update) when some rank was asked to stop
+        (`request_stop`): that allreduce carries the requests too."""
         t = self._t
         local_loss, samples = self.local_gradient_(step)
         t[3] = time.perf_counter()
         if self._sharded_grad is not None:
             loss, h, skip = self._sharded_grad.reduce_(self.comm, self.model.grads, local_loss,
                                                        not math.isfinite(local_loss),
-                                                       extra=self._time_sq)
+                                                       extra=self._time_sq, stop=self._stop)
+            if self._sharded_grad.stop:
+                raise StopAgreed(step)
             self._add_time_norms(h, self._time_sq)
             t[4] = time.perf_counter()
             np.subtract(t[1:], t[:-1], out=self._phases)
@@ -228,9 +296,12 @@ class Worker:
         self._ctrl[1] = 0.0 if (math.isfinite(local_loss) and not h["nonfinite"]
                                 and math.isfinite(h["grad_global_norm"])) else 1.0
         if self._time_sq is not None:
-            self._ctrl[2:] = self._time_sq
+            self._ctrl[2:-1] = self._time_sq
+        self._ctrl[-1] = 1.0 if self._stop else 0.0
         self.comm.allreduce_(self._ctrl)
-        self._add_time_norms(h, None if self._time_sq is None else self._ctrl[2:])
+        if self._ctrl[-1] > 0:
+            raise StopAgreed(step)
+        self._add_time_norms(h, None if self._time_sq is None else self._ctrl[2:-1])
         t[4] = time.perf_counter()  # the allreduce phase includes health and the decision
         np.subtract(t[1:], t[:-1], out=self._phases)
         return Gradient(float(self._ctrl[0]), samples, self.model.grads, h,
@@ -268,10 +339,16 @@ class Worker:
         c = self.config
         if consecutive_skips is None:
             consecutive_skips = self._consecutive
-        consecutive = run_steps_(self, self.rule, self.model.params, start, k,
-                                 self.steps_per_epoch, self._stats, self.policy,
-                                 consecutive_skips, self.sharpness if c.sharpness_every else None,
-                                 c.sharpness_every)
+        try:
+            consecutive = run_steps_(self, self.rule, self.model.params, start, k,
+                                     self.steps_per_epoch, self._stats, self.policy,
+                                     consecutive_skips,
+                                     self.sharpness if c.sharpness_every else None,
+                                     c.sharpness_every)
+        except StopAgreed:  # before that step's update: the steps recorded are the chunk
+            consecutive = consecutive_skips
+            for skipped in self._stats.skipped[:self._stats.n]:
+                consecutive = self.policy.count(consecutive, bool(skipped))
         self._consecutive = consecutive
         return {"stats": self._stats.as_dict(), "consecutive_skips": consecutive,
                 "memory": self.memory(), "rank": self.rank}

@@ -116,3 +116,36 @@ def test_prepared_slots_are_written_in_place(store):
     d = w.write(_state(4.0))
     assert [os.stat(store.path / f"slot{i}").st_ino for i in range(2)] == inodes
     np.testing.assert_array_equal(d.read()["opt/grid"], 4.0)
+
+
+def test_a_split_commit_is_whole_only_once_rank_0_seals_it(store):
+    """Every rank of a group on one machine writes its block; rank 0 marks the slot torn
+    first and seals it last, so a read in between is `CommitGone`, never a mix."""
+    n = 1001
+    ranks = [SlotWriter(str(store.path), 7), SlotWriter(str(store.path), 7),
+             SlotWriter(str(store.path), 7)]
+    ranks[0].prepare(_state(0.0, n))
+    for w in ranks[1:]:
+        w.attach(_state(0.0, n))
+    blocks = [(0, 334), (334, 668), (668, n)]
+    for v in (1.0, 2.0):
+        want = _state(v, n)
+        views = [w.begin(mark=r == 0) for r, w in enumerate(ranks)]
+        for r, ((lo, hi), into) in enumerate(zip(blocks, views, strict=True)):
+            into["params"][lo:hi] = want["params"][lo:hi]
+            into["opt/m"][lo:hi] = want["opt/m"][lo:hi]
+            if r == 0:
+                into["opt/t"][...] = want["opt/t"]
+                into["opt/grid"][...] = want["opt/grid"]
+        slot = np.memmap(store.path / f"slot{ranks[0]._seq % 2}", dtype=np.uint8, mode="r")
+        assert slot[:8].view(np.int64)[0] == 0  # every block in, still torn: not sealed
+        got = ranks[0].finish().read()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_attach_refuses_slots_of_another_shape(store):
+    SlotWriter(str(store.path)).prepare(_state(0.0, 1001))
+    from distbackprop.runtime.commitstore import NoRoom
+    with pytest.raises(NoRoom, match="expected"):
+        SlotWriter(str(store.path)).attach(_state(0.0, 2002))
