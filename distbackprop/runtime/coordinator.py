@@ -273,13 +273,14 @@ class Coordinator:
 
     def _while_waiting(self) -> bool:
         """Polled while the group works: on a stop, the group is asked once to end the
-        running chunk within a step and run no step of the queued one (where it can:
-        `request_stop`); True (abandon the chunk in flight) once the stop was requested
-        more than `stop_grace` seconds ago."""
+        running chunk within a step and run no step of the queued one (where the workers
+        run the step loop and can: `request_stop`); True (abandon the chunk in flight) once
+        the stop was requested more than `stop_grace` seconds ago."""
         t = self.stop()
         if t is None:
             return False
-        if not self._stop_sent and hasattr(self.group, "request_stop"):
+        if (not self._stop_sent and hasattr(self.group, "request_stop")
+                and self.placement.pipelines(self.group)):
             self._stop_sent = True
             self.group.request_stop()
         return time.monotonic() - t > self.stop_grace

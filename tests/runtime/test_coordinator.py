@@ -286,3 +286,21 @@ def test_a_stop_between_sparse_commits_commits_the_current_step(pipelined):
     end = 16 if pipelined else 12
     assert final.step == end and final.resolved()["params"][0] == end
     assert ("chunk", end, 0, True) in log  # a 0-step chunk fetched the state at the end
+
+
+def test_a_stop_asks_the_group_to_end_its_chunk_mid_way_only_where_workers_loop(pipelined):
+    """Ray workers that run the step loop (a pipelined placement) are asked, once, to end
+    the running chunk within a step; a group driven step by step from here (the update on
+    the coordinator) never is — its workers would fail their next gradient."""
+    t: list = []
+    c, _, _ = _run({}, stop=lambda: t[0] if t else None)
+    c._start_group()
+    asked: list = []
+    c.group.request_stop = lambda: asked.append(1)
+    assert c._while_waiting() is False and asked == []  # no stop yet
+    t.append(time.monotonic())
+    assert c._while_waiting() is False  # within the grace period
+    c._while_waiting()
+    assert asked == ([1] if pipelined else [])
+    t[0] -= c.stop_grace + 1
+    assert c._while_waiting() is True  # past the grace: abandon the chunk in flight
