@@ -24,7 +24,9 @@ class Faults:
 
     With ``dir`` set, a fault fires once: a marker file records it, so the replay
     after a recovery runs clean. ``pause_at`` writes ``<dir>/pause-<step>-<rank>.pid``
-    and sleeps, so a test can SIGKILL the worker by PID at a known step.
+    and sleeps, so a test can SIGKILL the worker by PID at a known step. ``hold_at``
+    waits (after the ``hold_at-<step>-<rank>`` marker) until ``<dir>/release`` exists, so
+    a test keeps a run going exactly as long as it needs.
     """
 
     nan_at: dict[int, list[int]] = field(default_factory=dict)
@@ -32,10 +34,11 @@ class Faults:
     exit_at: dict[int, list[int]] = field(default_factory=dict)
     pause_at: dict[int, list[int]] = field(default_factory=dict)
     perturb_at: dict[int, list[int]] = field(default_factory=dict)  # nudge one replica
+    hold_at: dict[int, list[int]] = field(default_factory=dict)  # until <dir>/release
     dir: str | None = None
     slow_ms: float = 0.0  # every step of every rank takes at least this long (a long run)
 
-    KINDS = ("nan_at", "hang_at", "exit_at", "pause_at", "perturb_at")
+    KINDS = ("nan_at", "hang_at", "exit_at", "pause_at", "perturb_at", "hold_at")
 
     @classmethod
     def parse(cls, raw: str) -> Faults:
@@ -68,6 +71,10 @@ class Faults:
             time.sleep(3600)
         if self.hits("exit_at", step, rank):
             os._exit(137)
+        if self.hits("hold_at", step, rank):
+            release = os.path.join(self.dir or ".", "release")
+            while not os.path.exists(release):
+                time.sleep(0.05)
         if self.hits("pause_at", step, rank):
             path = os.path.join(self.dir or ".", f"pause-{step}-{rank}.pid")
             with open(path + ".tmp", "w") as f:

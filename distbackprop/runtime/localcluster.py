@@ -85,15 +85,27 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Port blocks come from a generator of their own (something in the process reseeded the
+# module-level one: two nodes started together once drew the same block) and are kept
+# out of later draws in this process (a node started without waiting binds its ports
+# only seconds later, so a free-port check alone cannot see it).
+_PORTS_RNG = random.Random()
+_PORTS_TAKEN: list[tuple[int, int]] = []
+
+
 def pick_port_block(n: int, tries: int = 200) -> int:
     """First port of `n` consecutive free ports at a random base in [PORT_LOW, PORT_HIGH).
 
     Random, so that other engineers' (and other sessions') clusters on this machine are
-    unlikely to be on the same block; checked, so that a busy block is skipped.
+    unlikely to be on the same block; checked, so that a busy block is skipped; never a
+    block overlapping one this process handed out before.
     """
     for _ in range(tries):
-        base = random.randrange(PORT_LOW, PORT_HIGH - n)
+        base = _PORTS_RNG.randrange(PORT_LOW, PORT_HIGH - n)
+        if any(base < b + m and b < base + n for b, m in _PORTS_TAKEN):
+            continue
         if all(_port_free(p) for p in range(base, base + n)):
+            _PORTS_TAKEN.append((base, n))
             return base
     raise RuntimeError(f"no block of {n} free ports in {PORT_LOW}..{PORT_HIGH}")
 

@@ -92,9 +92,10 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
         assert time.monotonic() < deadline, "workers of earlier runs are still alive"
         time.sleep(0.5)
     # a commit with every chunk, so the history keeps the first 2-worker stretch (a recovery
-    # rewinds the history to the last commit)
-    args = ("--dtype", "float64", "--max-steps", "20000", "--chunk-steps", "50", "--hidden",
-            "16", "--seed", "5", "--commit-seconds", "0")
+    # rewinds the history to the last commit); the one worker left holds at step 400 until
+    # the node is back (the watchdog must outlast that)
+    args = ("--dtype", "float64", "--max-steps", "700", "--chunk-steps", "50", "--hidden",
+            "16", "--seed", "5", "--commit-seconds", "0", "--watchdog-seconds", "300")
     # the one-process result: what any fixed worker count computes, up to summation order
     ref = train(None, tmp_path / "ref", "--local", *args)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -102,8 +103,8 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
     faults.mkdir()
     cmd, env = train_command(c, tmp_path / "run", "--workers", "1:2", "--rendezvous-timeout",
                              "60", *args, env={"DISTBACKPROP_TEST_FAULTS": json.dumps(
-                                 # 2 ms a step keeps the run going while the node returns
-                                 {"pause_at": {"117": [1]}, "slow_ms": 2, "dir": str(faults)})})
+                                 {"pause_at": {"117": [1]}, "hold_at": {"400": [0]},
+                                  "dir": str(faults)})})
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -115,8 +116,14 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
         node = c.node_of_pid(int(pidfile.read_text()))
         c.kill_node(node)
         c.wait_node_dead(node)
-        time.sleep(3)  # the run goes on with one worker for a while
+        held = faults / "hold_at-400-0"  # the one worker left got there, and waits
+        deadline = time.monotonic() + 180
+        while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held.exists(), "the run did not go on with one worker to step 400"
         c.restart_node(node)
+        c.wait_nodes_alive(3)
+        (faults / "release").touch()
         out, err = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
@@ -124,7 +131,7 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 20000
+    assert summary["steps"] == 700
     assert summary["min_workers_seen"] == 1 and summary["workers"] == 2
     assert summary["resizes"] >= 2
     import pyarrow.parquet as pq
