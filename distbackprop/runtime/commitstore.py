@@ -6,7 +6,10 @@ already mapped costs ~4 ms; every commit used to stall the whole group for the
 difference. So when rank 0 runs on the coordinator's node and sees the same
 ``/dev/shm``, the coordinator makes a `CommitStore` directory there and rank 0
 writes each commit into one of two slot files, mapped once (a `SlotWriter`), and
-returns only a small `SharedState` descriptor. The coordinator copies the arrays
+returns only a small `SharedState` descriptor. When every rank is on that machine,
+each maps the slots too (`SlotWriter.attach`) and writes its own block of each commit
+(`begin(mark=False)`), in parallel; rank 0 marks the slot torn first and seals it
+(`finish`) after a barrier. The coordinator copies the arrays
 out (in its commit-pull thread, while the next chunk computes).
 
 Two slots alternate, so writing commit n+1 never touches commit n; a slot is
