@@ -186,13 +186,11 @@ class Turns:
             # caller: Ray's handling of the result then holds the GIL while the next chunk
             # is already inside its first BLAS call, instead of before it starts.
             with self._cond:
-                ready = self._next in self._jobs
-            if ready:
-                job = self._take()
-                done.set()
-            else:
-                done.set()
-                job = self._take()
+                queued = self._jobs.pop(self._next, None)
+                if queued is not None:
+                    self._next += 1
+            done.set()
+            job = queued if queued is not None else self._take()
 
     def _take(self) -> tuple:
         with self._cond:
