@@ -53,6 +53,9 @@ _HELP = {
     "update_on": "workers|coordinator|sharded: where the optimizer step runs (sharded: "
                  "ZeRO-1, each worker updates its block of the parameters)",
     "overlap": "overlap bucketed allreduce with backward",
+    "node_shm": "sharded update: workers on one machine share the parameters and read each "
+                "other's gradients in /dev/shm, MPI only for the small reductions (off: "
+                "Reduce_scatter + Allgather)",
     "chunk_steps": "steps per Ray call (default: about two seconds' worth)",
     "launcher": "ray|mpi (mpi: under mpiexec, rank 0 coordinates)",
     "vanish_threshold": "a layer whose gradient norm is below this is vanishing",

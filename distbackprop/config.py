@@ -74,6 +74,7 @@ class TrainConfig:
     placement: str = "pack"
     update_on: str = "sharded"  # measured faster than "workers" at 2 workers (BENCHMARKS.md)
     overlap: bool | None = None
+    node_shm: bool = True  # sharded: ranks on one machine share θ and gradients (/dev/shm)
     chunk_steps: int | None = None
     launcher: str = "ray"
     rendezvous_timeout: float = 60.0

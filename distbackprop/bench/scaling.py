@@ -4,7 +4,8 @@ Each worker keeps 256 examples per step (global batch 256·N) and 1 CPU, as
 the 1-worker reference does, so perfect weak scaling is N× its samples/s.
 Variants are run in interleaved rounds so drifting machine load hits all of
 them alike: overlap on/off, the update on the workers vs on the coordinator,
-and metrics on vs off. Also measured: start-up (command start to first step,
+the sharded update with θ and gradients shared in /dev/shm (the default) vs
+through MPI's Reduce_scatter + Allgather, and metrics on vs off. Also measured: start-up (command start to first step,
 through the real CLI) and the coordination overhead per step.
 
 "2 workers on 2 nodes (namespaced harness)" is the "2 workers" configuration
@@ -120,6 +121,9 @@ VARIANTS = {
     "2 workers, overlap": dict(workers=2, overlap=True, update_on="workers"),
     "2 workers, update on coordinator": dict(workers=2, update_on="coordinator"),
     "2 workers, sharded update (ZeRO-1)": dict(workers=2, update_on="sharded"),
+    # the same through MPI's Reduce_scatter + Allgather instead of shared θ and gradients
+    "2 workers, sharded, MPI collectives (--no-node-shm)": dict(workers=2, update_on="sharded",
+                                                                 node_shm=False),
     # a free port each run
     "2 workers, metrics on": dict(workers=2, metrics_port=0, update_on="workers"),
 }

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InputError
 from .layers import Dense, Layer, make_activation
 from .losses import loss_and_grad as _loss_and_grad
-from .params import FlatModel, ParamBuffer
+from .params import FlatModel, ParamBuffer, Storage
 from .rnn import SequenceRNN
 
 INITS = ("he", "xavier", "normal")
@@ -136,7 +136,8 @@ class MLP(Sequential):
 
     def __init__(self, sizes: Sequence[int], activation: str = "relu", dtype=np.float64,
                  seed: int | None = 0, init: str | None = None, init_scale: float = 1.0,
-                 rng: np.random.Generator | None = None, quantize_bits: int | None = None):
+                 rng: np.random.Generator | None = None, quantize_bits: int | None = None,
+                 storage: Storage | None = None):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
             raise ValueError(f"sizes: need at least [n_in, n_out], all > 0, got {sizes}")
@@ -149,7 +150,7 @@ class MLP(Sequential):
         shapes = []
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             shapes += [(f"dense{i}.W", (n_out, n_in)), (f"dense{i}.b", (n_out,))]
-        buf = ParamBuffer(shapes, dtype=dtype)
+        buf = ParamBuffer(shapes, dtype=dtype, storage=storage)
         layers: list[Layer] = []
         n_dense = len(sizes) - 1
         for i in range(n_dense):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -19,15 +19,21 @@ from ..atomic import atomic_path
 
 MODEL_FORMAT = 1
 
+# (n, dtype) -> (params, grads): where a ParamBuffer's two flat arrays live
+Storage = Callable[[int, np.dtype], tuple[np.ndarray, np.ndarray]]
+
 
 class ParamBuffer:
     """Flat `params` and `grads` arrays of `dtype`, carved into named views.
 
     `shapes` is an ordered iterable of ``(name, shape)``; each name gets the
-    slice ``offsets[name]`` of both arrays, reshaped C-contiguously.
+    slice ``offsets[name]`` of both arrays, reshaped C-contiguously. `storage`, given
+    (n, dtype), returns the two (n,) arrays to carve instead of new zeroed ones (e.g.
+    memory shared with other processes).
     """
 
-    def __init__(self, shapes: Iterable[tuple[str, tuple[int, ...]]], dtype=np.float64):
+    def __init__(self, shapes: Iterable[tuple[str, tuple[int, ...]]], dtype=np.float64,
+                 storage: Storage | None = None):
         self.dtype = np.dtype(dtype)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.offsets: dict[str, slice] = {}
@@ -40,8 +46,15 @@ class ParamBuffer:
             self.offsets[name] = slice(n, n + size)
             n += size
         self.size = n
-        self.params = np.zeros(n, dtype=self.dtype)
-        self.grads = np.zeros(n, dtype=self.dtype)
+        if storage is None:
+            self.params = np.zeros(n, dtype=self.dtype)
+            self.grads = np.zeros(n, dtype=self.dtype)
+        else:
+            self.params, self.grads = storage(n, self.dtype)
+            for what, a in (("params", self.params), ("grads", self.grads)):
+                if a.shape != (n,) or a.dtype != self.dtype or not a.flags.c_contiguous:
+                    raise ValueError(f"storage: {what} must be a contiguous ({n},) "
+                                     f"{self.dtype} array, got {a.shape} {a.dtype}")
 
     def param(self, name: str) -> np.ndarray:
         """View of parameter `name` (shares memory with `params`)."""

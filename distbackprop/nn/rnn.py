@@ -23,7 +23,7 @@ import numpy as np
 
 from .layers import Dense
 from .losses import loss_and_grad as _loss_and_grad
-from .params import FlatModel, ParamBuffer
+from .params import FlatModel, ParamBuffer, Storage
 
 
 class RNN(FlatModel):
@@ -36,7 +36,7 @@ class RNN(FlatModel):
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, dtype=np.float64,
                  seed: int | None = 0, rng: np.random.Generator | None = None,
-                 recurrent_gain: float = 0.9):
+                 recurrent_gain: float = 0.9, storage: Storage | None = None):
         for name, v in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
             if int(v) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {v}")
@@ -44,7 +44,8 @@ class RNN(FlatModel):
         H = self.n_hidden
         self.buffer = ParamBuffer([("rnn.W_x", (H, self.n_in)), ("rnn.W_h", (H, H)),
                                    ("rnn.b", (H,)), ("readout.W", (self.n_out, H)),
-                                   ("readout.b", (self.n_out,))], dtype=dtype)
+                                   ("readout.b", (self.n_out,))], dtype=dtype,
+                                  storage=storage)
         b = self.buffer
         self.W_x, self.W_h, self.b = b.param("rnn.W_x"), b.param("rnn.W_h"), b.param("rnn.b")
         self.dW_x, self.dW_h, self.db = b.grad("rnn.W_x"), b.grad("rnn.W_h"), b.grad("rnn.b")
@@ -187,7 +188,8 @@ class SequenceRNN(RNN):
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, n_steps: int,
                  sequence_target: str = "last", truncate: int | None = None, dtype=np.float64,
-                 seed: int | None = 0, recurrent_gain: float = 0.9):
+                 seed: int | None = 0, recurrent_gain: float = 0.9,
+                 storage: Storage | None = None):
         if sequence_target not in SEQUENCE_TARGETS:
             raise ValueError(f"sequence_target: {sequence_target!r} is not one of "
                              f"{', '.join(SEQUENCE_TARGETS)}")
@@ -196,7 +198,7 @@ class SequenceRNN(RNN):
         if truncate is not None and int(truncate) < 1:
             raise ValueError(f"truncate: must be ≥ 1 step, got {truncate}")
         super().__init__(n_in, n_hidden, n_out, dtype=dtype, seed=seed,
-                         recurrent_gain=recurrent_gain)
+                         recurrent_gain=recurrent_gain, storage=storage)
         self.n_steps, self.sequence_target = int(n_steps), sequence_target
         self.truncate = None if truncate is None else int(truncate)
         self.recurrent_gain = float(recurrent_gain)

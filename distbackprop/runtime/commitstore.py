@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..comm.shm import MARGIN, pid_alive
+
 SHM_ROOT = Path("/dev/shm")
 PREFIX = "distbackprop-commits-"
 HEADER = 64  # bytes before the arrays: the slot's sequence number (int64), then padding
 TOKEN = "token"
-MARGIN = 64 << 20  # bytes of /dev/shm left to everyone else (Ray's object store lives there)
 
 
 class NoRoom(OSError):
@@ -215,19 +216,5 @@ def remove_stale(root: Path = SHM_ROOT) -> None:
     with contextlib.suppress(OSError):
         for d in root.glob(f"{PREFIX}*"):
             pid = d.name[len(PREFIX):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-__all__ = ["CommitGone", "CommitStore", "NoRoom", "SharedState", "SlotWriter", "layout_of",
-           "remove_stale", "sees"]

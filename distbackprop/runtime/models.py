@@ -10,13 +10,15 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..nn import MLP
-from ..nn.params import FlatModel
+from ..nn.params import FlatModel, Storage
 from ..nn.rnn import SequenceRNN
 
 
 def build_model(config: TrainConfig, n_in: int, n_out: int,
-                sequence: tuple[int, int] | None = None) -> FlatModel:
-    """The configured model, initialised from `config.seed` (identical on every replica).
+                sequence: tuple[int, int] | None = None,
+                storage: Storage | None = None) -> FlatModel:
+    """The configured model, initialised from `config.seed` (identical on every replica);
+    its flat params and grads in `storage`'s arrays when given (see `ParamBuffer`).
 
     ``mlp``: sizes [n_in, *hidden, n_out]. ``rnn``: a tanh `SequenceRNN` of state size
     hidden[0] over rows of ``sequence`` = (T, F) with ``n_in = T·F``.
@@ -27,9 +29,11 @@ def build_model(config: TrainConfig, n_in: int, n_out: int,
             raise ValueError("model rnn: the data has no sequence column (T, F unknown)")
         T, F = sequence
         return SequenceRNN(F, c.hidden[0], n_out, T, sequence_target=c.sequence_target,
-                           truncate=c.bptt_truncate, dtype=np.dtype(c.dtype), seed=c.seed)
+                           truncate=c.bptt_truncate, dtype=np.dtype(c.dtype), seed=c.seed,
+                           storage=storage)
     return MLP([n_in, *c.hidden, n_out], activation=c.activation, dtype=np.dtype(c.dtype),
-               seed=c.seed, init=c.resolved_init, quantize_bits=c.quantize_bits)
+               seed=c.seed, init=c.resolved_init, quantize_bits=c.quantize_bits,
+               storage=storage)
 
 
 def data_problems(config: TrainConfig, bundle: Any) -> list[str]:

@@ -12,6 +12,16 @@ traffic and optimizer state per rank. What needs the whole gradient (global
 norm for clipping and health, per-layer norms, the non-finite flag) comes from
 per-block partial sums SUM-allreduced with the step's loss; update ratios from
 per-block partial ‖Δθ‖² and ‖θ‖² sums, reduced after the update.
+
+When every rank runs on one machine (and `--node-shm`, the default), θ and each rank's
+gradient live in memory the ranks share (`NodeBuffers`) and MPI carries only the small
+control allreduces: after a barrier rank r sums the ranks' gradients over its block
+itself, g_r = Σ_k g_k[lo:hi], reading them where backward wrote them, and updates
+θ[lo:hi] in place where every rank reads it — no Reduce_scatter copies, no Allgather.
+The allreduce of the update's partial sums, which every rank runs after its update, is
+the fence before the next forward reads θ; the control allreduce, which every rank
+runs after its reads of the gradients, is the fence before the next backward writes
+them.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import numpy as np
 
 from ..comm import shard_counts
 from ..metrics.health import grad_health, health_from_sums
+from ..nn.params import Storage
 from ..optim import UpdateRule
 
 
@@ -42,11 +53,60 @@ class Shard:
         return self.hi - self.lo
 
 
+class NodeBuffers:
+    """θ and every rank's gradient in one mapping all ranks of one machine share
+    (`comm.shm.map_shared`): [θ | g_0 | … | g_{N−1}], each (P,), page-aligned.
+
+    Rank r's model is built on (θ, g_r) (`storage`): backward writes g_r, the sharded
+    update writes θ[lo:hi], and every rank reads all of θ and all the g_k."""
+
+    PAGE = 4096
+
+    def __init__(self, mm, n: int, world: int, dtype):
+        self._mm = mm
+        self.nbytes = len(mm)
+        dt = np.dtype(dtype)
+        stride = self.stride(n, dt)
+        self.params = np.frombuffer(mm, dt, n, 0)
+        self.grads = [np.frombuffer(mm, dt, n, (1 + k) * stride) for k in range(world)]
+
+    @classmethod
+    def stride(cls, n: int, dtype) -> int:
+        return -(-n * np.dtype(dtype).itemsize // cls.PAGE) * cls.PAGE
+
+    @classmethod
+    def open(cls, comm, n: int, dtype) -> NodeBuffers | None:
+        """Collective: the buffers when every rank is on this machine and can map them,
+        else None on every rank."""
+        from ..comm.shm import map_shared
+        mm = map_shared(comm, (comm.size + 1) * cls.stride(n, dtype))
+        return None if mm is None else cls(mm, n, comm.size, dtype)
+
+    def storage(self, rank: int) -> Storage:
+        """Where rank `rank`'s model keeps its flat arrays: θ and g_rank."""
+        def arrays(n: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+            return self.params, self.grads[rank]
+        return arrays
+
+    def reduce_(self, shard: Shard, out: np.ndarray) -> np.ndarray:
+        """out (hi − lo,) ← Σ_k g_k[lo:hi], added in rank order (the same sum on every run).
+
+        (A numba kernel that also took the block's health in the same pass measured
+        slower, 0.56 vs 0.41 ms, than NumPy's add followed by `grad_health`.)"""
+        lo, hi = shard.lo, shard.hi
+        g = self.grads
+        np.add(g[0][lo:hi], g[1][lo:hi], out=out)
+        for k in range(2, len(g)):
+            np.add(out, g[k][lo:hi], out=out)
+        return out
+
+
 class ShardedGradient:
     """Reduce-scatter of the flat gradient, and its health from partial sums."""
 
     def __init__(self, shard: Shard, dtype):
         self.shard = shard
+        self.node: NodeBuffers | None = None  # set when the ranks share θ and gradients
         self.grads = np.zeros(shard.size, dtype=dtype)
         L = len(shard.layer_slices)
         self.L = L
@@ -63,7 +123,11 @@ class ShardedGradient:
         `extra` (e.g. an RNN's per-time Σ‖∂L/∂h_t‖²) is SUM-reduced in place in the same
         control allreduce, and so is this rank's `stop` request: `self.stop` is then
         whether any rank asked to stop."""
-        comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
+        if self.node is None:
+            comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
+        else:  # full_grads is g_rank in the shared buffers
+            comm.barrier()  # every rank's backward has written its gradient
+            self.node.reduce_(self.shard, self.grads)
         h = grad_health(self.grads, self.shard.layer_slices)
         L = self.L
         n_extra = 0 if extra is None else extra.size
@@ -94,6 +158,7 @@ class ShardedRule:
 
     def __init__(self, rule: UpdateRule, shard: Shard, comm_of):
         self.rule, self.shard, self.comm_of = rule, shard, comm_of
+        self.shared = False  # θ in `NodeBuffers`: every rank already sees the others' blocks
         L = len(rule.segments)
         self._sums = np.zeros(2 * L)  # [‖Δθ‖² per layer, ‖θ‖² per layer], partial then total
 
@@ -101,10 +166,12 @@ class ShardedRule:
         return self.rule.lr(step)
 
     def step_(self, params: np.ndarray, grads: np.ndarray, step: int, gnorm: float) -> float:
-        """θ[lo:hi] ← rule(θ[lo:hi], g_r) then θ ← Allgather; `grads` is this rank's block."""
+        """θ[lo:hi] ← rule(θ[lo:hi], g_r) then θ ← Allgather (unless θ is shared); `grads`
+        is this rank's block. Ends with an allreduce: the fence before θ is read again."""
         lr = self.rule.step_(params, grads, step, gnorm)
         comm = self.comm_of()
-        comm.allgather_(params, self.shard.counts)
+        if not self.shared:
+            comm.allgather_(params, self.shard.counts)
         L = len(self.rule.segments)
         self._sums[:L] = self.rule.update_sq
         self._sums[L:] = self.rule.param_sq
@@ -150,4 +217,4 @@ class ShardedRule:
         return self.rule.state_bytes()
 
 
-__all__ = ["Shard", "ShardedGradient", "ShardedRule"]
+__all__ = ["NodeBuffers", "Shard", "ShardedGradient", "ShardedRule"]

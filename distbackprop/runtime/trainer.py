@@ -243,6 +243,9 @@ class RunObserver:
         self.restarts = 0
         self.resizes = 0
         self.workers_seen: list[int] = []
+        # how the group combined gradients: "shm" (θ and gradients shared on one machine,
+        # the sharded update), "mpi" (collectives), "none" (one worker)
+        self.exchange = "none"
         self.last_checkpoint: Path | None = None
         rd = prep.run_dir
         if prep.resume is not None:
@@ -282,6 +285,8 @@ class RunObserver:
         self._t_chunk = now
         self.exporter.record_workers(memory)
         self.exporter.set_workers(workers)
+        self.exchange = "none" if workers == 1 else \
+            "shm" if memory.get(0, {}).get("shared_bytes") else "mpi"
         if self.workers_seen and workers != self.workers_seen[-1]:
             self.resizes += 1
         self.workers_seen.append(workers)
@@ -384,6 +389,7 @@ def _summary(prep: PreparedRun, model, coordinator: Coordinator, obs: RunObserve
         "coordination_seconds_per_step": st.coordination_seconds_per_step(),
         "coordination": st.coordination(),
         "optimizer_bytes_per_worker": obs.optimizer_bytes,
+        "gradient_exchange": obs.exchange,
         "status": "interrupted" if interrupted else "finished",
         "loss": loss,
         "task": bundle.task,

@@ -21,7 +21,7 @@ from ..config import TrainConfig
 from ..metrics.health import StepStats, grad_health
 from ..nn.losses import loss_and_grad
 from ..nn.model import loss_grad_buffer
-from ..nn.params import FlatModel
+from ..nn.params import FlatModel, Storage
 from ..optim import UpdateRule
 from .models import build_model
 from .step import Gradient, SkipPolicy, run_steps_
@@ -47,9 +47,10 @@ class ReplicaSpec:
     stream: Any = None  # a StreamPlan in --streaming mode
     sequence: tuple[int, int] | None = None  # (T, F) of sequence rows (--model rnn)
 
-    def build_model(self) -> FlatModel:
-        """The configured model (`models.build_model`), seeded alike on every replica."""
-        return build_model(self.config, self.n_in, self.n_out, self.sequence)
+    def build_model(self, storage: Storage | None = None) -> FlatModel:
+        """The configured model (`models.build_model`), seeded alike on every replica; its
+        flat arrays in `storage`'s when given."""
+        return build_model(self.config, self.n_in, self.n_out, self.sequence, storage)
 
     def build_rule(self, model: FlatModel, shard: tuple[int, int] | None = None) -> UpdateRule:
         """The coordinator's update rule over `model`'s flat buffer (or its block `shard`),
@@ -93,14 +94,9 @@ class Worker:
 
         self.spec, self.config, self.rank, self.world = spec, spec.config, rank, world
         self.comm = comm if comm is not None else LocalComm()
-        self.model = spec.build_model()
-        # `net` runs the passes: the model itself, or gradient checkpointing over its buffer.
-        self.net = self.model
-        if self.config.remat_every:
-            from ..nn.remat import CheckpointedMLP
-            self.net = CheckpointedMLP(self.model, self.config.remat_every)
+        self._use_model(spec.build_model())
         self._slice_map = self.model.layer_slices()
-        self.shard = self._sharded_grad = None
+        self.shard = self._sharded_grad = self.node = None
         if spec.sharded:
             from .sharding import Shard, ShardedGradient, ShardedRule
             self.shard = Shard(self.model.params.size, rank, world, self._slice_map)
@@ -115,7 +111,6 @@ class Worker:
         # [Σ local loss, Σ non-finite flags] + for --model rnn Σ_rows ‖∂L/∂h_t‖² (T,): the
         # per-time squared norms are sums over batch rows, so their SUM over the ranks' row
         # slices is the one-process value — reduced in this same allreduce, then sqrt.
-        self._time_sq = getattr(self.model, "time_sq", None)
         n_time = 0 if self._time_sq is None else self._time_sq.size
         self._ctrl = np.zeros(3 + n_time, dtype=np.float64)  # [loss, bad, time…, stop]
         self._t = np.zeros(5)  # phase boundaries of the current step (perf_counter)
@@ -130,11 +125,47 @@ class Worker:
         self._stop = False  # see request_stop
         self._handles: dict[str, int] | None = None  # open fds and threads, sampled at
         self._handles_at = 0.0  # (time.monotonic())
+        self._share_node()
+
+    def _use_model(self, model: FlatModel) -> None:
+        self.model = model
+        # `net` runs the passes: the model itself, or gradient checkpointing over its buffer.
+        self.net = model
+        if self.config.remat_every:
+            from ..nn.remat import CheckpointedMLP
+            self.net = CheckpointedMLP(model, self.config.remat_every)
+        self._time_sq = getattr(model, "time_sq", None)
 
     # state ------------------------------------------------------------------------
     def set_comm(self, comm) -> None:
         self.comm = comm
         self._make_bucketer()
+        self._share_node()
+
+    def _share_node(self) -> None:
+        """Sharded update with every rank on this machine (`--node-shm`): the model moves
+        onto `NodeBuffers` — θ shared by the ranks, each rank's gradient readable by all —
+        so a step combines gradients and parameters without MPI copying them (see
+        `sharding`). Collective; elsewhere (ranks on several machines, one rank, no room
+        in /dev/shm) nothing changes and the step uses Reduce_scatter and Allgather."""
+        if self.shard is None or self.comm.size == 1 or not self.config.node_shm \
+                or self.node is not None:
+            return
+        from .sharding import NodeBuffers
+        node = NodeBuffers.open(self.comm, self.model.params.size, self.model.dtype)
+        if node is None:
+            return
+        old = self.model.params
+        # every rank writes the same seeded initialisation into the shared θ, then the
+        # barrier; then each its block of the θ it had (the same on every rank)
+        model = self.spec.build_model(node.storage(self.rank))
+        self.comm.barrier()
+        lo, hi = self.shard.lo, self.shard.hi
+        model.params[lo:hi] = old[lo:hi]
+        self.comm.barrier()
+        self._use_model(model)
+        self.node = self._sharded_grad.node = node
+        self.rule.shared = True
 
     def _make_bucketer(self) -> None:
         """`--overlap`: buckets of the flat gradient, each reduced as soon as backward fills it."""
@@ -209,8 +240,17 @@ class Worker:
         return {k: v.copy() for k, v in self.commit_state().items()}
 
     def load_state_(self, state: dict[str, np.ndarray]) -> None:
-        """Load a whole state (any worker count wrote it: a sharded rank takes its block)."""
-        self.model.params[...] = state["params"]
+        """Load a whole state (any worker count wrote it: a sharded rank takes its block).
+        Collective when θ is shared (`NodeBuffers`): each rank writes its block of θ,
+        between two barriers (no rank still reads the old θ, none goes on before the new
+        one is whole)."""
+        if self.node is not None:
+            lo, hi = self.shard.lo, self.shard.hi
+            self.comm.barrier()
+            self.model.params[lo:hi] = state["params"][lo:hi]
+            self.comm.barrier()
+        else:
+            self.model.params[...] = state["params"]
         if self.shard is not None:
             self.rule.load_full_(state)
         else:
@@ -225,7 +265,8 @@ class Worker:
         return local_checksum(self.model.params)
 
     def memory(self) -> dict[str, int]:
-        """RSS, peak RSS, peak activation bytes, open fds and threads of this process.
+        """RSS, peak RSS, peak activation bytes, open fds and threads of this process, and
+        the bytes of the machine-shared θ and gradients it maps (`NodeBuffers`; 0: none).
 
         Sampled after every chunk: RSS and the peaks each time (`SelfRss`), the fd and
         thread counts (leak indicators, ~0.5 ms of /proc reads in a busy worker) at most
@@ -238,7 +279,8 @@ class Worker:
         if self._handles is None or now - self._handles_at >= HANDLES_EVERY:
             self._handles, self._handles_at = process_handles(self._process), now
         return {"rss_bytes": self._rss(), "peak_rss_bytes": peak_rss_bytes(),
-                "activation_bytes": int(self.peak_activation_bytes), **self._handles}
+                "activation_bytes": int(self.peak_activation_bytes),
+                "shared_bytes": 0 if self.node is None else self.node.nbytes, **self._handles}
 
     # the gradient ---------------------------------------------------------------------
     def local_gradient_(self, step: int) -> tuple[float, int]:

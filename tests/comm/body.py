@@ -139,6 +139,29 @@ def check_errors(comm: Communicator) -> None:
             raise AssertionError("invalid op / root must raise ValueError")
 
 
+def check_shared_mapping(comm: Communicator) -> bool:
+    """`map_shared`: one machine's ranks see each other's stores, and no file is left in
+    /dev/shm; a one-rank communicator gets no mapping. Returns whether one was made."""
+    import os
+    import struct
+
+    from distbackprop.comm.shm import PREFIX, SHM_ROOT, map_shared
+    mm = map_shared(comm, 4096)
+    if comm.size == 1:
+        assert mm is None
+        return False
+    assert mm is not None, "ranks of one machine must get a shared mapping"
+    struct.pack_into("<q", mm, 8 * comm.rank, 1000 + comm.rank)
+    comm.barrier()
+    seen = [struct.unpack_from("<q", mm, 8 * r)[0] for r in range(comm.size)]
+    assert seen == [1000 + r for r in range(comm.size)], seen
+    left = [p for p in SHM_ROOT.glob(f"{PREFIX}*") if p.name.split("-")[2] == str(os.getpid())]
+    assert not left, f"map_shared left {left} behind"
+    comm.barrier()  # every rank has read before any unmaps
+    mm.close()
+    return True
+
+
 def run_comm_body(comm: Communicator) -> dict:
     """Run every check on `comm`; returns a summary (rank, size, counts) on success."""
     assert 0 <= comm.rank < comm.size
@@ -148,6 +171,7 @@ def run_comm_body(comm: Communicator) -> dict:
     n_buckets = check_bucketed(comm)
     check_flag_and_checksum(comm)
     check_errors(comm)
+    shared = check_shared_mapping(comm)
     comm.barrier()
     return {"rank": comm.rank, "size": comm.size, "allreduce_cases": checked,
-            "max_buckets": n_buckets}
+            "max_buckets": n_buckets, "shared": shared}

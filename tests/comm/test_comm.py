@@ -40,7 +40,29 @@ def test_body_on_local_comm():
     comm = LocalComm()
     assert isinstance(comm, Communicator)
     assert body.run_comm_body(comm) == {"rank": 0, "size": 1, "allreduce_cases": 30,
-                                        "max_buckets": 4}
+                                        "max_buckets": 4, "shared": False}
+
+
+def test_stale_shared_files_are_removed_only_when_old_and_orphaned(tmp_path):
+    """`map_shared`'s files are unlinked once mapped; one a SIGKILLed rank 0 left behind is
+    removed by the next group on the machine — not a young one, nor a live creator's."""
+    from distbackprop.comm.shm import PREFIX, STALE_SECONDS, map_shared, remove_stale
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)
+    old = time.time() - 2 * STALE_SECONDS
+    files = {name: tmp_path / f"{PREFIX}{name}-0123" for name in
+             (f"{dead}", f"{dead}x", f"{os.getpid()}")}
+    for p in files.values():
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    young = tmp_path / f"{PREFIX}{dead}-4567"
+    young.write_bytes(b"x")
+    remove_stale(tmp_path)
+    assert not files[f"{dead}"].exists()
+    assert files[f"{os.getpid()}"].exists() and young.exists()
+    assert files[f"{dead}x"].exists()  # not a PID: not ours to judge
+    assert map_shared(LocalComm(), 4096, tmp_path) is None  # one rank: nothing to share
 
 
 def test_local_helpers_are_identity():
@@ -222,6 +244,7 @@ def test_body_on_mpi_comm_over_ray_actors(ray_cluster):
         results = ray.get([a.run_body.remote() for a in actors], timeout=120)
         assert [r["rank"] for r in results] == [0, 1]
         assert all(r["size"] == 2 and r["allreduce_cases"] == 30 for r in results)
+        assert all(r["shared"] for r in results)  # one machine: ranks share memory
         ray.get([a.close.remote() for a in actors], timeout=30)
     finally:
         _kill_and_reap(ray, actors, pids)
@@ -394,6 +417,7 @@ def test_body_on_mpi_comm_under_mpiexec():
                  if line.startswith("COMM-BODY-OK"))
     assert len(oks) == 2, out
     assert '"rank": 0' in oks[0] + oks[1] and '"rank": 1' in oks[0] + oks[1]
+    assert all('"shared": true' in line for line in oks), oks
 
 
 @pytest.mark.ray

@@ -60,6 +60,8 @@ def test_spread_over_two_nodes_equals_local(multinode_cluster, tmp_path):
     assert rel <= 1e-9, rel
     summary = json.loads((tmp_path / "spread" / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["workers"] == 2 and summary["restarts"] == 0
+    # two machines: the sharded update's Reduce_scatter + Allgather, no shared memory
+    assert summary["gradient_exchange"] == "mpi", summary
 
     # Where the ranks ran, from Ray's own record of the run's actors.
     actors = [a for a in c.actor_table("_ActorBody") if a["actor_id"] not in before]

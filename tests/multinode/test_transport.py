@@ -86,5 +86,6 @@ def test_training_across_shared_ipc_equals_local(shared_ipc_cluster, tmp_path):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-9
     summary = json.loads((tmp_path / "spread" / "summary.json").read_text())
     assert summary["restarts"] == 0, summary  # formed the first time
+    assert summary["gradient_exchange"] == "mpi", summary  # another host name: MPI over TCP
     nodes = {a["node"] for a in c.actor_table("_ActorBody") if a["actor_id"] not in before}
     assert nodes == {"head", "s1"}, nodes
