@@ -5,22 +5,26 @@ the 1-worker reference does, so perfect weak scaling is N× its samples/s.
 Variants are run in interleaved rounds so drifting machine load hits all of
 them alike: overlap on/off, the update on the workers vs on the coordinator,
 the sharded update with θ and gradients shared in /dev/shm (the default) vs
-through MPI's Reduce_scatter + Allgather, and metrics on vs off. Also measured: start-up (command start to first step,
-through the real CLI) and the coordination overhead per step.
+through MPI's Reduce_scatter + Allgather, and metrics on vs off. Also
+measured: start-up (command start to first step, through the real CLI) and the
+coordination overhead per step.
 
 "2 workers on 2 nodes (namespaced harness)" is the "2 workers" configuration
 on a rehearsed cluster (`runtime.localcluster`): a head with 0 CPUs and two
 worker nodes with 1 CPU each, every node in its own PID, UTS and IPC
 namespaces, so the two ranks are on different "machines" (MPI over TCP on
-loopback, no shared memory). The cluster is started once for the bench and is
-up during every round of every variant. A process can drive one Ray instance
-at a time, and the other variants run in this process's private instance, so
-each round runs this one as `distbackprop train --config CONFIG` in a
-subprocess, CONFIG being the very `TrainConfig` of the "2 workers" row plus
-``ray_address`` (the harness) and ``placement: spread``; its figures come from
-that run's summary.json and history.parquet, computed as for the other rows,
-and its rounds are interleaved with theirs (last in each round). Without root
-or `unshare` the row has no figures and a note says why.
+loopback, no shared memory). The cluster is started after the other variants'
+rounds: idle, its daemons still take ~5% of this machine's 2 cores, which costs
+runs that use both cores (2 workers) more than the 1-worker reference. Its own
+rounds then run the "2 workers" configuration twice: on one node of this
+process's private Ray instance ("2 workers, 1 node, harness cluster up") and on
+the harness — side by side under the same load, the "2 nodes vs 1 node" row. A
+process can drive one Ray instance at a time, so the harness run is
+`distbackprop train --config CONFIG` in a subprocess, CONFIG being the very
+`TrainConfig` of the "2 workers" row plus ``ray_address`` (the harness) and
+``placement: spread``; its figures come from that run's summary.json and
+history.parquet, computed as for the other rows. Without root or `unshare` the
+row has no figures and a note says why.
 
 "PyTorch DDP (gloo)" is the same job (model, batch per process, Adam, float32)
 under torch's DistributedDataParallel, 2 processes × 1 thread, run in each
@@ -128,6 +132,7 @@ VARIANTS = {
     "2 workers, metrics on": dict(workers=2, metrics_port=0, update_on="workers"),
 }
 HARNESS = "2 workers on 2 nodes (namespaced harness)"
+BESIDE = "2 workers, 1 node, harness cluster up"  # the reference for HARNESS, same rounds
 DDP = "PyTorch DDP (gloo), 2 processes × 1 thread"
 
 
@@ -164,42 +169,57 @@ def run(quick: bool = False) -> list[dict]:
             contextlib.ExitStack() as stack:
         tmp_path = Path(tmp)
         data = _dataset(tmp_path)
-        cluster, why = harness(stack, tmp_path / "harness", ("n1", "n2"))
         startups = [_startup_seconds(data, tmp_path / f"startup{i}") for i in range(rounds)]
         from ..metrics.exporter import MetricsExporter  # noqa: F401 - fail early if missing
-        results, why, why_ddp = _rounds(data, tmp_path, steps, rounds, cluster, why)
+        from ..runtime.raysession import local_ray
+        with local_ray(num_cpus=max(2, os.cpu_count() or 2)):
+            results, why_ddp = _rounds(data, tmp_path, steps, rounds)
+            cluster, why = harness(stack, tmp_path / "harness", ("n1", "n2"))
+            why = _harness_rounds(results, cluster, why, data, tmp_path, steps, rounds)
     return _rows(results, startups, why) + _ddp_rows(results, why_ddp)
 
 
-def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int, cluster, why: str | None
-            ) -> tuple[dict[str, list[dict]], str | None, str | None]:
-    """Every variant once per round, then DDP, the harness run last in each; per variant
-    its runs' figures (the harness's and DDP's lists stay empty if they cannot run: the
-    two notes say why)."""
-    from ..runtime.raysession import local_ray
-    results: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, DDP, HARNESS]}
+def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int
+            ) -> tuple[dict[str, list[dict]], str | None]:
+    """Every variant once per round, then DDP; per variant its runs' figures (DDP's list
+    stays empty if it cannot run: the note says why). Keys for the harness rounds too."""
+    results: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, DDP, BESIDE, HARNESS]}
     py, why_ddp = torch_python()
-    with local_ray(num_cpus=max(2, os.cpu_count() or 2)):
-        for r in range(rounds):
-            for name, kw in VARIANTS.items():
-                kw = dict(kw)
-                w = kw.pop("workers")
-                if "metrics_port" in kw:
-                    kw["metrics_port"] = _free_port()
-                results[name].append(_run(data, tmp_path / _slug(f"{name}-{r}"), w, steps,
-                                          **kw))
-            if py is not None:
-                try:
-                    results[DDP].append(_run_ddp(py, steps))
-                except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
-                    py, why_ddp = None, f"round {r + 1}: {one_line(exc)}"
-            if cluster is not None and why is None:
-                try:
-                    results[HARNESS].append(_run_on_harness(
-                        cluster, data, tmp_path / _slug(f"{HARNESS}-{r}"), steps))
-                except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-                    why = f"round {r + 1}: {one_line(exc)}"
-    return results, why, why_ddp
+    for r in range(rounds):
+        for name, kw in VARIANTS.items():
+            results[name].append(_run_variant(data, tmp_path / _slug(f"{name}-{r}"), steps,
+                                              kw))
+        if py is not None:
+            try:
+                results[DDP].append(_run_ddp(py, steps))
+            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+                py, why_ddp = None, f"round {r + 1}: {one_line(exc)}"
+    return results, why_ddp
+
+
+def _run_variant(data: Path, out: Path, steps: int, kw: dict) -> dict:
+    kw = dict(kw)
+    w = kw.pop("workers")
+    if "metrics_port" in kw:
+        kw["metrics_port"] = _free_port()
+    return _run(data, out, w, steps, **kw)
+
+
+def _harness_rounds(results: dict[str, list[dict]], cluster, why: str | None, data: Path,
+                    tmp_path: Path, steps: int, rounds: int) -> str | None:
+    """With the harness cluster up: per round "2 workers" on one node, then on two
+    (into `results`); returns why the harness rows are missing or short, or None."""
+    if cluster is None or why is not None:
+        return why
+    for r in range(rounds):
+        try:
+            results[BESIDE].append(_run_variant(data, tmp_path / _slug(f"{BESIDE}-{r}"),
+                                                steps, VARIANTS["2 workers"]))
+            results[HARNESS].append(_run_on_harness(
+                cluster, data, tmp_path / _slug(f"{HARNESS}-{r}"), steps))
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            return f"round {r + 1}: {one_line(exc)}"
+    return None
 
 
 def _ddp_rows(results: dict[str, list[dict]], why: str | None) -> list[dict]:
@@ -244,7 +264,7 @@ def _rows(results: dict[str, list[dict]], startups: list[float], why: str | None
                  "samples/s": on["sps"], "efficiency": on["sps"] / off["sps"],
                  "step_ms": on["step_ms"] - off["step_ms"]})
     if HARNESS in med:
-        two = med[HARNESS]
+        two, off = med[HARNESS], med.get(BESIDE, off)
         rows.append({"variant": "2 nodes vs 1 node (2 workers)", "samples/s": two["sps"],
                      "efficiency": two["sps"] / off["sps"],
                      "step_ms": two["step_ms"] - off["step_ms"],

@@ -51,6 +51,17 @@ def test_scaling_sets_the_harness_beside_two_workers_on_one_node():
     assert math.isclose(vs["step_ms"], 120.0 - 100.0)
 
 
+def test_scaling_compares_the_harness_with_two_workers_run_in_its_rounds():
+    res = _results([_fig(150.0, 130.0)])
+    res[scaling.BESIDE] = [_fig(180.0, 105.0)]  # one node, while the harness was up
+    rows = {r["variant"]: r for r in scaling._rows(res, [1.0], None)}
+    assert rows[scaling.BESIDE]["samples/s"] == 180.0
+    vs = rows["2 nodes vs 1 node (2 workers)"]
+    assert math.isclose(vs["efficiency"], 150.0 / 180.0)
+    assert math.isclose(vs["step_ms"], 130.0 - 105.0)
+    assert math.isclose(rows["metrics cost (on vs off, 2 workers)"]["efficiency"], 1.0)
+
+
 @pytest.mark.parametrize("text,want", [
     ("boom", "boom"),
     ("node n1 exited (log x):\n\n=== cmd\nTraceback\nException: timed out\n",
