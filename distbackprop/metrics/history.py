@@ -40,8 +40,11 @@ _SCALARS: tuple[tuple[str, type], ...] = (
 # sharpness: measured only every --sharpness-every steps (NaN otherwise); workers: the
 # group size that ran the step. Both absent in older files.
 _OPTIONAL: dict[str, float] = {"sharpness": np.nan, "workers": 0}  # name → fill value
+# shared_bytes: the machine-shared θ and gradients a worker maps (the sharded update on
+# one machine; counted in the RSS of every worker that touched them). Absent in older files.
 MEMORY_COLUMNS: tuple[str, ...] = (
     "step", "worker", "rss_bytes", "peak_rss_bytes", "activation_bytes", "open_fds", "threads",
+    "shared_bytes",
 )
 
 
@@ -193,7 +196,7 @@ class MemoryHistory:
             rss = int(m["rss_bytes"])
             self._rows.append((int(step), int(rank), rss, int(m.get("peak_rss_bytes", rss)),
                                int(m.get("activation_bytes", 0)), int(m.get("open_fds", 0)),
-                               int(m.get("threads", 0))))
+                               int(m.get("threads", 0)), int(m.get("shared_bytes", 0))))
 
     def truncate(self, step: int) -> None:
         """Forget the rows recorded at steps ≥ `step`."""

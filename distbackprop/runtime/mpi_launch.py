@@ -3,7 +3,7 @@
 No Ray: `MpiComm` wraps COMM_WORLD. Rank 0 runs the `Trainer` with an
 `MpiRootGroup` injected as its group, which broadcasts each command to the
 other ranks; they run `follow` until told to stop. Per-rank memory and
-parameter checksums reach rank 0 through one SUM-allreduce of a (size, 5)
+parameter checksums reach rank 0 through one SUM-allreduce of a (size, 6)
 table in which each rank fills its own row.
 """
 
@@ -50,7 +50,8 @@ class MpiRootGroup(RunsOnCollect):
         for r in range(1, self.size):
             out.append({"rank": r, "memory": {"rss_bytes": int(table[r, 3]),
                                               "peak_rss_bytes": int(table[r, 2]),
-                                              "activation_bytes": int(table[r, 4])}})
+                                              "activation_bytes": int(table[r, 4]),
+                                              "shared_bytes": int(table[r, 5])}})
         if want_state:  # checksums travel with the state, as with Ray workers
             for r, row in enumerate(out):
                 row["checksum"] = (table[r, 0], table[r, 1])
@@ -75,12 +76,13 @@ class MpiRootGroup(RunsOnCollect):
 
 
 def _gather_table(worker: Worker, comm, with_checksum: bool) -> np.ndarray:
-    """(size, 5) float64: the parameter checksum's two parts (zeros unless
-    `with_checksum`), peak RSS, RSS, activation bytes — one row per rank."""
-    t = np.zeros((comm.size, 5))
+    """(size, 6) float64: the parameter checksum's two parts (zeros unless
+    `with_checksum`), peak RSS, RSS, activation bytes, shared bytes — one row per rank."""
+    t = np.zeros((comm.size, 6))
     mem = worker.memory()
     t[comm.rank] = (*(worker.checksum() if with_checksum else (0.0, 0.0)),
-                    mem["peak_rss_bytes"], mem["rss_bytes"], mem["activation_bytes"])
+                    mem["peak_rss_bytes"], mem["rss_bytes"], mem["activation_bytes"],
+                    mem["shared_bytes"])
     comm.allreduce_(t)
     return t
 

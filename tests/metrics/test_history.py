@@ -82,8 +82,8 @@ def test_memory_history_round_trip(tmp_path):
     m = MemoryHistory()
     m.append(10, {1: {"rss_bytes": 200, "activation_bytes": 20},
                   0: {"rss_bytes": 100, "activation_bytes": 10, "peak_rss_bytes": 150}})
-    m.append(20, {0: {"rss_bytes": 110, "activation_bytes": 11},
-                  1: {"rss_bytes": 210, "activation_bytes": 21}})
+    m.append(20, {0: {"rss_bytes": 110, "activation_bytes": 11, "shared_bytes": 4096},
+                  1: {"rss_bytes": 210, "activation_bytes": 21, "shared_bytes": 4096}})
     path = m.write(tmp_path / "memory.parquet")
     d = read_columns(path)
     assert list(d) == list(MEMORY_COLUMNS)
@@ -92,6 +92,7 @@ def test_memory_history_round_trip(tmp_path):
     assert d["rss_bytes"].tolist() == [100, 200, 110, 210]
     assert d["peak_rss_bytes"].tolist() == [150, 200, 110, 210]
     assert d["activation_bytes"].tolist() == [10, 20, 11, 21]
+    assert d["shared_bytes"].tolist() == [0, 0, 4096, 4096]
     assert MemoryHistory().to_table().num_rows == 0
 
 

@@ -107,7 +107,15 @@ def test_mpiexec_launcher_equals_local(local_result, tmp_path, update_on):
     ref = local_result.model.params
     assert np.linalg.norm(m.params - ref) / np.linalg.norm(ref) < 1e-10
     import json
-    assert json.loads((out / "summary.json").read_text())["workers"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2
+    # sharded, both ranks on this machine: θ and gradients shared, and each rank says so
+    assert summary["gradient_exchange"] == ("shm" if update_on == "sharded" else "mpi")
+    from distbackprop.metrics.history import read_columns
+    mem = read_columns(out / "memory.parquet")
+    shared = {int(w): int(b) for w, b in zip(mem["worker"], mem["shared_bytes"], strict=True)}
+    assert sorted(shared) == [0, 1]
+    assert all((b > 0) == (update_on == "sharded") for b in shared.values()), shared
 
 
 def test_streaming_with_two_workers_trains(ray_cluster, tmp_path):
