@@ -39,7 +39,9 @@ def test_prometheus_scrapes_time_grad_norm_of_a_running_rnn(tmp_path):
             assert all(r["metric"]["job"] == "distbackprop" for r in norms)
             ratio = prom.wait_for("distbackprop_time_grad_ratio", lambda r: len(r) == 1,
                                   timeout=30)
-            assert 0 < float(ratio[0]["value"][1]) < 1  # early steps get less gradient
+            # scraped at whatever step runs now: positive; the vanishing is judged below on
+            # the history (after ~900 steps of learning, single steps reach ratios above 1)
+            assert float(ratio[0]["value"][1]) > 0
             deadline = time.monotonic() + 300
             while not (out / "summary.json").exists():
                 assert proc.poll() is None, proc.communicate()
@@ -54,6 +56,9 @@ def test_prometheus_scrapes_time_grad_norm_of_a_running_rnn(tmp_path):
                    for r in prom.query("distbackprop_time_grad_norm")}
             for b in buckets:
                 assert got[b] == pytest.approx(last[b], rel=1e-12), b
+            early = (hist.column("time_grad_norm/t1-10").to_numpy()[:500]
+                     / hist.column("time_grad_norm/t31-40").to_numpy()[:500])
+            assert np.all(early < 1)  # the first time steps get less gradient: it vanishes
             want_ratio = last["t1-10"] / last["t31-40"]
             got_ratio = float(prom.query("distbackprop_time_grad_ratio")[0]["value"][1])
             assert got_ratio == pytest.approx(want_ratio, rel=1e-12)
