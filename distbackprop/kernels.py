@@ -171,6 +171,15 @@ def sgd_(p, g, starts, stops, segs, blk, out, zero, scale, lr, lr_wd):
 
 
 @njit(**_OPTS)
+def sgd_serial_(p, g, starts, stops, segs, blk, out, zero, scale, lr, lr_wd):
+    """`sgd_` on the calling thread (see SERIAL)."""
+    for b in range(starts.size):
+        lo, hi = starts[b], stops[b]
+        blk[0, b], blk[1, b] = _sgd_block(p[lo:hi], g[lo:hi], zero, scale, lr, lr_wd)
+    _sum_blocks(segs, blk, out)
+
+
+@njit(**_OPTS)
 def _momentum_block(p, g, vel, zero, scale, lr, mu, wd, nesterov):
     du = zero
     dp = zero
@@ -199,6 +208,17 @@ def momentum_(p, g, vel, starts, stops, segs, blk, out, zero, scale, lr, mu, wd,
                                  nesterov)
         blk[0, b] = du
         blk[1, b] = dp
+    _sum_blocks(segs, blk, out)
+
+
+@njit(**_OPTS)
+def momentum_serial_(p, g, vel, starts, stops, segs, blk, out, zero, scale, lr, mu, wd,
+                     nesterov):
+    """`momentum_` on the calling thread (see SERIAL)."""
+    for b in range(starts.size):
+        lo, hi = starts[b], stops[b]
+        blk[0, b], blk[1, b] = _momentum_block(p[lo:hi], g[lo:hi], vel[lo:hi], zero, scale,
+                                               lr, mu, wd, nesterov)
     _sum_blocks(segs, blk, out)
 
 
@@ -240,6 +260,34 @@ def adam_(p, g, m, v, starts, stops, segs, blk, out, zero, scale, b1, b2, omb1, 
     _sum_blocks(segs, blk, out)
 
 
+@njit(**_OPTS)
+def adam_serial_(p, g, m, v, starts, stops, segs, blk, out, zero, scale, b1, b2, omb1, omb2,
+                 wd, eps_c2, step_size, lr_wd, decoupled):
+    """`adam_` on the calling thread (see SERIAL)."""
+    for b in range(starts.size):
+        lo, hi = starts[b], stops[b]
+        blk[0, b], blk[1, b] = _adam_block(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], zero,
+                                           scale, b1, b2, omb1, omb2, wd, eps_c2, step_size,
+                                           lr_wd, decoupled)
+    _sum_blocks(segs, blk, out)
+
+
+# One thread: the `*_serial_` twins run the same blocks in the same order on the caller's
+# thread. A `parallel=True` kernel hands even a one-thread launch to numba's pool thread and
+# waits for it. With one worker per core that thread has no core of its own: the scheduler
+# often wakes it on the other worker's core (measured with 2 Ray workers on 2 cores: the
+# step's thread 7–8% of the time runnable but not running, the pool thread ~150 wake-ups/s).
+SERIAL = {"sgd": sgd_serial_, "momentum": momentum_serial_, "adam": adam_serial_}
+PARALLEL = {"sgd": sgd_, "momentum": momentum_, "adam": adam_}
+
+
+def kernel(name: str, threads: int):
+    """The kernel `name` ("sgd", "momentum", "adam") for `threads` threads: the serial twin
+    for one (no launch lock needed), the prange kernel otherwise (launch under LAUNCH_LOCK,
+    after `set_threads`)."""
+    return (SERIAL if threads <= 1 else PARALLEL)[name]
+
+
 def set_threads(n: int) -> int:
     """Threads the kernels use in the calling thread (numba's setting is per thread);
     clipped to numba's pool size. Returns the count set."""
@@ -249,16 +297,20 @@ def set_threads(n: int) -> int:
 
 
 def warm(dtypes: tuple = (np.float32, np.float64),
-         kernels: tuple[str, ...] = ("sgd", "momentum", "adam")) -> None:
+         kernels: tuple[str, ...] = ("sgd", "momentum", "adam"),
+         threads: tuple[int, ...] = (1, 2)) -> None:
     """Compile (or load from numba's cache) `kernels` for `dtypes`, on tiny arrays: for a
     writable and a read-only gradient (one received through Ray's object store is read-only,
-    and numba types it apart), so that no step ever compiles."""
+    and numba types it apart), so that no step ever compiles. `threads`: the variants, as
+    `kernel` picks them (1: the serial twins; more: the prange kernels)."""
+    tables = {id(t): t for t in (SERIAL if n <= 1 else PARALLEL for n in threads)}
     with LAUNCH_LOCK:
         for dt in dtypes:
-            _warm_one(np.dtype(dt), kernels)
+            for table in tables.values():
+                _warm_one(np.dtype(dt), kernels, table)
 
 
-def _warm_one(dt: np.dtype, kernels: tuple[str, ...]) -> None:
+def _warm_one(dt: np.dtype, kernels: tuple[str, ...], table: dict) -> None:
     p, m, v = (np.zeros(4, dt) for _ in range(3))
     g_ro = np.zeros(4, dt)
     g_ro.flags.writeable = False
@@ -268,13 +320,13 @@ def _warm_one(dt: np.dtype, kernels: tuple[str, ...]) -> None:
     one, zero = dt.type(1.0), dt.type(0.0)
     for g in (np.zeros(4, dt), g_ro):
         if "sgd" in kernels:
-            sgd_(p, g, starts, stops, segs, blk, out, zero, one, zero, zero)
+            table["sgd"](p, g, starts, stops, segs, blk, out, zero, one, zero, zero)
         if "momentum" in kernels:
-            momentum_(p, g, m, starts, stops, segs, blk, out, zero, one, zero, zero, zero,
-                      True)
+            table["momentum"](p, g, m, starts, stops, segs, blk, out, zero, one, zero, zero,
+                              zero, True)
         if "adam" in kernels:
-            adam_(p, g, m, v, starts, stops, segs, blk, out, zero, one, zero, zero, zero,
-                  zero, zero, one, zero, zero, True)
+            table["adam"](p, g, m, v, starts, stops, segs, blk, out, zero, one, zero, zero, zero,
+                          zero, zero, one, zero, zero, True)
 
 
 if __name__ == "__main__":  # `python -m distbackprop.kernels`: warm the cache (image build)

@@ -90,8 +90,9 @@ class Optimizer:
         self.update_sq = self._out[0, :nreal]
         self.param_sq = self._out[1, :nreal]
         self.threads = max(1, int(threads))
+        self._fn = k.kernel(self.kernel, self.threads)
         # Compile, or load from numba's cache, now: never inside a timed step.
-        k.warm((self.dtype,), (self.kernel,))
+        k.warm((self.dtype,), (self.kernel,), (self.threads,))
 
     @property
     def t(self) -> int:
@@ -119,6 +120,9 @@ class Optimizer:
         self._check(grads, "grads")
         self.state["t"][0] += 1
         t = self.dtype.type
+        if self.threads == 1:  # the serial kernel, on this thread
+            self._kernel_(params, grads, t(lr), t(scale), lr)
+            return
         with self._k.LAUNCH_LOCK:
             self._k.set_threads(self.threads)
             self._kernel_(params, grads, t(lr), t(scale), lr)
@@ -148,8 +152,8 @@ class SGD(Optimizer):
 
     def _kernel_(self, p, g, lr_t, scale_t, lr):
         t = self.dtype.type
-        self._k.sgd_(p, g, self._starts, self._stops, self._segs, self._blk, self._out,
-                     t(0.0), scale_t, lr_t, t(lr * self.weight_decay))
+        self._fn(p, g, self._starts, self._stops, self._segs, self._blk, self._out,
+                 t(0.0), scale_t, lr_t, t(lr * self.weight_decay))
 
 
 class Momentum(Optimizer):
@@ -165,9 +169,9 @@ class Momentum(Optimizer):
 
     def _kernel_(self, p, g, lr_t, scale_t, lr):
         t = self.dtype.type
-        self._k.momentum_(p, g, self.state["velocity"], self._starts, self._stops, self._segs,
-                          self._blk, self._out, t(0.0), scale_t, lr_t, t(self.momentum),
-                          t(self.weight_decay), self.nesterov)
+        self._fn(p, g, self.state["velocity"], self._starts, self._stops, self._segs,
+                 self._blk, self._out, t(0.0), scale_t, lr_t, t(self.momentum),
+                 t(self.weight_decay), self.nesterov)
 
 
 class Nesterov(Momentum):
@@ -198,10 +202,10 @@ class Adam(Optimizer):
         c1 = 1.0 - b1**self.t
         c2 = math.sqrt(1.0 - b2**self.t)
         t = self.dtype.type
-        self._k.adam_(p, g, self.state["m"], self.state["v"], self._starts, self._stops,
-                      self._segs, self._blk, self._out, t(0.0), scale_t, t(b1), t(b2),
-                      t(1.0 - b1), t(1.0 - b2), t(self.weight_decay), t(self.eps * c2),
-                      t(lr * c2 / c1), t(lr * self.weight_decay), self.decoupled)
+        self._fn(p, g, self.state["m"], self.state["v"], self._starts, self._stops,
+                 self._segs, self._blk, self._out, t(0.0), scale_t, t(b1), t(b2),
+                 t(1.0 - b1), t(1.0 - b2), t(self.weight_decay), t(self.eps * c2),
+                 t(lr * c2 / c1), t(lr * self.weight_decay), self.decoupled)
 
 
 class AdamW(Adam):

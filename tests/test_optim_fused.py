@@ -4,6 +4,9 @@ not in the package), thread-count independence, non-finite steps, ratios, cache 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,6 +216,35 @@ def test_cache_dir_falls_back_to_a_writable_temp_dir(monkeypatch, tmp_path) -> N
     monkeypatch.setattr(kernels, "_writable", lambda path: True)
     monkeypatch.setattr(kernels.numba.config, "CACHE_DIR", "")
     assert kernels._ensure_cache_dir() is None  # numba's own choice works: leave it
+
+
+_THREADS_PROBE = """
+import os, sys, numpy as np
+from distbackprop import kernels
+from distbackprop.optim import make_optimizer
+n = 1 << 16
+before = len(os.listdir("/proc/self/task"))
+opt = make_optimizer("adam", n, np.float32, threads=int(sys.argv[1]))
+p, g = np.ones(n, np.float32), np.full(n, 0.5, np.float32)
+for _ in range(3):
+    opt.step_(p, g, 1e-3)
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_one_thread_updates_on_the_calling_thread() -> None:
+    """threads=1 runs the serial twin on the caller's thread: numba starts no pool thread to
+    hand the update to (with 2 threads it does: the probe can see a pool start)."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}
+    counts = {}
+    for threads in (1, 2):
+        r = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(threads)], env=env,
+                           capture_output=True, text=True, timeout=300, check=True)
+        counts[threads] = tuple(map(int, r.stdout.split()))
+    assert counts[1][1] == counts[1][0], counts
+    assert counts[2][1] > counts[2][0], counts
 
 
 def test_steps_from_two_threads_at_once_are_serialised() -> None:
