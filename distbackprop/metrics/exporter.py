@@ -243,8 +243,11 @@ class MetricsExporter:
         down and join its thread. Safe to call twice."""
         if self._server is None:
             return
-        if linger > 0:
-            time.sleep(linger)
+        end = time.monotonic() + linger
+        while (left := end - time.monotonic()) > 0:
+            # In slices: a signal the kernel hands to another thread (its handler runs in
+            # this one) does not cut a long sleep short; a slice ends within 0.25 s.
+            time.sleep(min(left, 0.25))
         server, thread = self._server, self._thread
         self._server, self._thread = None, None
         server.shutdown()

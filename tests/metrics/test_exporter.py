@@ -253,3 +253,36 @@ def test_phase_histogram_bucket_rule_matches_prometheus_client():
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-12), k
+
+
+_LINGER_PROBE = """
+import signal, socket, threading, time
+from distbackprop.metrics.exporter import MetricsExporter
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+exp = MetricsExporter(["dense0"], port=port)
+exp.start()
+def hand_sigint_to_this_thread():
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+threading.Thread(target=hand_sigint_to_this_thread, daemon=True).start()
+t = time.monotonic()
+try:
+    exp.stop(linger=60)
+    print("lingered", round(time.monotonic() - t, 1))
+except KeyboardInterrupt:
+    print("interrupted", round(time.monotonic() - t, 1))
+"""
+
+
+def test_linger_ends_on_a_signal_another_thread_received() -> None:
+    """--metrics-linger sleeps on the main thread; the kernel may hand a process's SIGINT
+    to any thread. Python then runs the handler on the main thread only when its sleep
+    returns, so the linger sleeps in short slices (a whole `time.sleep(linger)` once
+    kept a SIGINTed run alive past a 60 s wait)."""
+    r = subprocess.run([sys.executable, "-c", _LINGER_PROBE], capture_output=True, text=True,
+                       timeout=120, check=True)
+    word, seconds = r.stdout.split()
+    assert word == "interrupted", r.stdout
+    assert float(seconds) < 5, r.stdout
