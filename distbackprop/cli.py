@@ -196,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     import signal
     import threading
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
-        signal.signal(signal.SIGTERM, _terminate)
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # Inherited (a non-interactive shell's background job, `nohup … &`): SIGINT
+            # still stops a run, and ends --metrics-linger with 130, as documented.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     args = _parser().parse_args(argv)
     if args.command == "train":
         _thread_env(args)

@@ -110,3 +110,41 @@ def test_resume_auto_needs_out():
     r = run_cli("train", "--local", "--resume", "auto")
     assert r.returncode == 2
     assert "resume: 'auto' continues the run in --out DIR" in r.stderr
+
+
+_IGNORING_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                    "os.execv(sys.executable, [sys.executable, '-m', 'distbackprop', "
+                    "*sys.argv[1:]])")
+
+
+def test_sigint_works_when_started_with_sigint_ignored(tmp_path):
+    """A non-interactive shell's background job (`distbackprop train … &`) starts with
+    SIGINT ignored (exec keeps it so); the CLI takes SIGINT back, so it still ends
+    --metrics-linger with 130 after everything was written."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-c", _IGNORING_SIGINT, "train", "--local",
+                          "--hidden", "8", "--epochs", "1", "--quiet", "--metrics-port",
+                          str(port), "--metrics-linger", "120", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "summary.json").exists():
+            assert p.poll() is None, p.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no summary.json within 120 s"
+            time.sleep(0.1)
+        sig_ign = int(next(line.split()[1] for line in
+                           Path(f"/proc/{p.pid}/status").read_text().splitlines()
+                           if line.startswith("SigIgn:")), 16)
+        assert not sig_ign & (1 << (signal.SIGINT - 1)), "SIGINT still ignored"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
