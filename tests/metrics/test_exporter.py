@@ -258,6 +258,7 @@ def test_phase_histogram_bucket_rule_matches_prometheus_client():
 _LINGER_PROBE = """
 import signal, socket, threading, time
 from distbackprop.metrics.exporter import MetricsExporter
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
