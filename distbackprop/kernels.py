@@ -274,9 +274,9 @@ def adam_serial_(p, g, m, v, starts, stops, segs, blk, out, zero, scale, b1, b2,
 
 # One thread: the `*_serial_` twins run the same blocks in the same order on the caller's
 # thread. A `parallel=True` kernel hands even a one-thread launch to numba's pool thread and
-# waits for it. With one worker per core that thread has no core of its own: the scheduler
-# often wakes it on the other worker's core (measured with 2 Ray workers on 2 cores: the
-# step's thread 7–8% of the time runnable but not running, the pool thread ~150 wake-ups/s).
+# waits for it (measured, one Ray worker: the step's thread blocked 6% of the time, ~70
+# hand-overs/s). With one worker per core that thread has no core of its own: with 2 Ray
+# workers on 2 cores it woke ~150 times/s, often on the other worker's core.
 SERIAL = {"sgd": sgd_serial_, "momentum": momentum_serial_, "adam": adam_serial_}
 PARALLEL = {"sgd": sgd_, "momentum": momentum_, "adam": adam_}
 
