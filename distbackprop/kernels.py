@@ -277,6 +277,9 @@ def adam_serial_(p, g, m, v, starts, stops, segs, blk, out, zero, scale, b1, b2,
 # waits for it (measured, one Ray worker: the step's thread blocked 6% of the time, ~70
 # hand-overs/s). With one worker per core that thread has no core of its own: with 2 Ray
 # workers on 2 cores it woke ~150 times/s, often on the other worker's core.
+# The twins are separate functions, not the prange kernels compiled again with
+# parallel=False: numba's on-disk cache keys an entry by function and signature, not by
+# flags, so one function compiled both ways would load either for the other.
 SERIAL = {"sgd": sgd_serial_, "momentum": momentum_serial_, "adam": adam_serial_}
 PARALLEL = {"sgd": sgd_, "momentum": momentum_, "adam": adam_}
 

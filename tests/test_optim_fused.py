@@ -220,7 +220,7 @@ def test_cache_dir_falls_back_to_a_writable_temp_dir(monkeypatch, tmp_path) -> N
 
 _THREADS_PROBE = """
 import os, sys, numpy as np
-from distbackprop import kernels
+from distbackprop import kernels  # noqa: F401 - numba loaded before the count
 from distbackprop.optim import make_optimizer
 n = 1 << 16
 before = len(os.listdir("/proc/self/task"))

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from distbackprop.config import TrainConfig
 from distbackprop.metrics.exporter import PHASE_BUCKETS, MetricsExporter
 from distbackprop.metrics.health import PHASES
+from tests.metrics.promserver import free_port
 from tests.metrics.synth import LAYERS, synthetic_chunk
 
 CONTRACT = {  # the README's metrics table: name → (type, labels)
@@ -256,13 +257,10 @@ def test_phase_histogram_bucket_rule_matches_prometheus_client():
 
 
 _LINGER_PROBE = """
-import signal, socket, threading, time
+import signal, sys, threading, time
 from distbackprop.metrics.exporter import MetricsExporter
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-exp = MetricsExporter(["dense0"], port=port)
+exp = MetricsExporter(["dense0"], port=int(sys.argv[1]))
 exp.start()
 def hand_sigint_to_this_thread():
     time.sleep(0.5)
@@ -282,8 +280,8 @@ def test_linger_ends_on_a_signal_another_thread_received() -> None:
     to any thread. Python then runs the handler on the main thread only when its sleep
     returns, so the linger sleeps in short slices (a whole `time.sleep(linger)` once
     kept a SIGINTed run alive past a 60 s wait)."""
-    r = subprocess.run([sys.executable, "-c", _LINGER_PROBE], capture_output=True, text=True,
-                       timeout=120, check=True)
+    r = subprocess.run([sys.executable, "-c", _LINGER_PROBE, str(free_port())],
+                       capture_output=True, text=True, timeout=120, check=True)
     word, seconds = r.stdout.split()
     assert word == "interrupted", r.stdout
     assert float(seconds) < 5, r.stdout

@@ -121,10 +121,8 @@ def test_sigint_works_when_started_with_sigint_ignored(tmp_path):
     """A non-interactive shell's background job (`distbackprop train … &`) starts with
     SIGINT ignored (exec keeps it so); the CLI takes SIGINT back, so it still ends
     --metrics-linger with 130 after everything was written."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ..metrics.promserver import free_port
+    port = free_port()
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-c", _IGNORING_SIGINT, "train", "--local",
                           "--hidden", "8", "--epochs", "1", "--quiet", "--metrics-port",
