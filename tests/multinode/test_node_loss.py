@@ -2,9 +2,13 @@
 
 The coordinator pulls each chunk's commit to its own node, so no state lives only on a
 worker node: with no ``--checkpoint-every``, killing the node of either rank costs a
-restart from the last chunk, not the run. The session cluster has three 1-CPU worker
-nodes, so a 2-worker group can be placed again on the two that are left; an elastic
-``--workers 1:2`` run on two nodes shrinks to one and grows back when the node returns.
+restart from a recent commit, not the run. The workers run one chunk ahead of the
+coordinator (the next chunk is queued), so a rank can already be inside the next chunk
+while the result of the one before is still on its way: the commit lost with the node is
+then that chunk's, and the restart goes back one chunk more. The session cluster has
+three 1-CPU worker nodes, so a 2-worker group can be placed again on the two that are
+left; an elastic ``--workers 1:2`` run on two nodes shrinks to one and grows back when
+the node returns.
 """
 
 from __future__ import annotations
@@ -70,7 +74,13 @@ def test_losing_a_node_costs_a_restart_not_the_run(restore_nodes, tmp_path, rank
     assert summary["steps"] == 40
     assert summary["restarts"] >= 1
     first = summary["failures"][0]
-    assert first["resume_step"] == PAUSE_STEP - PAUSE_STEP % 4  # the last chunk, not step 0
+    # Back to the start of the chunk the kill hit (16) if the coordinator already held the
+    # commit that ended the chunk before; else (its result or its pull was still in flight
+    # when the node died: seen once in CI) to the one before (12). Never further: the
+    # coordinator keeps the previous commit until the next one has landed on its node.
+    last_chunk = PAUSE_STEP - PAUSE_STEP % 4
+    assert first["resume_step"] in (last_chunk, last_chunk - 4), first
+    assert first["resume_step"] <= first["step_at_failure"] <= last_chunk, first
     assert first["reason"] == "node_lost"
     want = load_model(tmp_path / "ref" / "model.npz").params
     got = load_model(tmp_path / "run" / "model.npz").params
