@@ -271,7 +271,7 @@ def _rows(results: dict[str, list[dict]], startups: list[float], why: str | None
                      "efficiency": two["sps"] / off["sps"],
                      "step_ms": two["step_ms"] - off["step_ms"],
                      "allreduce_ms": two["allreduce_ms"] - off["allreduce_ms"]})
-    rows.append({"variant": "start-up to first step, 2 workers (CLI, median s)",
+    rows.append({"variant": "start-up to first step, 2 workers (CLI, median; ms)",
                  "samples/s": None, "efficiency": None,
                  "step_ms": float(np.median(startups)) * 1e3})
     return rows
