@@ -123,7 +123,9 @@ class ShardedGradient:
         `extra` (e.g. an RNN's per-time Σ‖∂L/∂h_t‖²) is SUM-reduced in place in the same
         control allreduce, and so is this rank's `stop` request: `self.stop` is then
         whether any rank asked to stop."""
-        if self.node is None:
+        if comm.size == 1:  # the one rank's gradient is the sum: use it, copy nothing
+            self.grads = full_grads  # (a copy of every gradient byte each step, before)
+        elif self.node is None:
             comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
         else:  # full_grads is g_rank in the shared buffers
             comm.barrier()  # every rank's backward has written its gradient

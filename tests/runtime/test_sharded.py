@@ -75,6 +75,24 @@ def test_sharded_resume_with_another_worker_count(ray_cluster, tmp_path):
     assert _rel(resumed.model.params, full.model.params) < 1e-10
 
 
+def test_one_sharded_worker_updates_from_its_own_gradient_buffer():
+    """One worker's gradient is the sum: the sharded path takes it as it is (no copy) and
+    trains like the replicated update, clipping and weight decay on."""
+    from distbackprop.runtime.worker import ReplicaSpec, Worker
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((200, 64)), rng.integers(0, 10, 200)
+    cfg = TrainConfig(**{**BASE, "workers": 1})
+    runs = {}
+    for mode in ("sharded", "workers"):
+        w = Worker(ReplicaSpec(cfg.replace(update_on=mode), 64, 10, "cross_entropy", 30),
+                   0, 1, x, y)
+        w.run_chunk(0, 12, 0)
+        runs[mode] = w
+    sh = runs["sharded"]
+    assert np.shares_memory(sh._sharded_grad.grads, sh.model.grads)
+    assert _rel(sh.model.params, runs["workers"].model.params) < 1e-12
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_each_worker_holds_its_block_of_the_optimizer_state(world):
     from distbackprop.runtime.worker import ReplicaSpec, Worker
