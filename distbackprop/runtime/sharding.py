@@ -123,8 +123,8 @@ class ShardedGradient:
         `extra` (e.g. an RNN's per-time Σ‖∂L/∂h_t‖²) is SUM-reduced in place in the same
         control allreduce, and so is this rank's `stop` request: `self.stop` is then
         whether any rank asked to stop."""
-        if comm.size == 1:  # the one rank's gradient is the sum: use it, copy nothing
-            self.grads = full_grads  # (a copy of every gradient byte each step, before)
+        if comm.size == 1:  # one rank: its gradient is the sum, taken where backward
+            self.grads = full_grads  # wrote it (a copy here cost ~1–1.5 ms per step)
         elif self.node is None:
             comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
         else:  # full_grads is g_rank in the shared buffers
