@@ -6,11 +6,12 @@ namespace and one in a child PID namespace that still shares the host's IPC
 namespace (a container run with ``--ipc=host``, a Kubernetes pod with
 ``hostIPC``), that choice fails: ``MPI_Comm_connect`` errors out at once
 ("Other MPI error" / "Invalid port" from ``MPIDI_UCX_upids_to_gpids``) and the
-group never forms. Measured here with UCX 1.18.1 (mpich 4.3.2): host rank ↔
-child-namespace rank fails; two ranks in two different child PID namespaces,
-or in private IPC namespaces, form the group; restricting *only the
-child-namespace rank* to ``UCX_TLS=tcp,self`` is enough, since the wire-up uses
-the transports both sides offer.
+group never forms. UCX's debug log says why: its System V shared-memory endpoint
+reads the peer's ``/proc/<pid>/stat``, and the host rank's PID is not in the child's
+namespace. Measured here with UCX 1.18.1 (mpich 4.3.2): host rank ↔ child-namespace
+rank fails; two ranks in two different child PID namespaces, or in private IPC
+namespaces, form the group; restricting *only the child-namespace rank* to
+``UCX_TLS=tcp,self`` is enough, since the wire-up uses the transports both sides offer.
 
 So the decision can be made by each rank alone, from its own namespaces
 (`transport_env()`), which `distbackprop.comm.mpi` applies at import, before

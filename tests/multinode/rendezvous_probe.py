@@ -6,7 +6,9 @@ Places two actors with a SPREAD placement group (so one per node), with ENV_JSON
 dict of environment variables, e.g. '{"UCX_TLS": "all"}') in their runtime env, and
 has them form a group with `distbackprop.comm.mpi.open_ports`/`join` and allreduce
 over it. Prints one JSON line per rank: its node, the transport environment the
-import chose, and how the join ended (ok, or the error text) and how long it took.
+import chose, whether the peer's PID names a live process in this rank's /proc
+(``sees_peer_pid``: PIDs are per namespace, and UCX's shared memory looks the peer up
+there), and how the join ended (ok, or the error text) and how long it took.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class Peer:
         import ray
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "hostname": socket.gethostname()}
+
+    def sees_pid(self, pid: int) -> bool:
+        """Is there a process `pid` in this process's PID namespace (its /proc)?"""
+        import os
+        return os.path.exists(f"/proc/{pid}")
 
     def open_ports(self, rank: int, size: int) -> str:
         from distbackprop.comm.mpi import open_ports
@@ -72,6 +79,8 @@ def main(argv: list[str]) -> None:
     if where[0]["node_id"] != ray.get_runtime_context().get_node_id():
         peers.reverse()
         where.reverse()
+    for i, p in enumerate(peers):
+        where[i]["sees_peer_pid"] = ray.get(p.sees_pid.remote(where[1 - i]["pid"]), timeout=60)
     ports = ray.get([p.open_ports.remote(i, 2) for i, p in enumerate(peers)], timeout=60)
     t0 = time.monotonic()
     outs = ray.get([p.join.remote(ports, i, 2, timeout) for i, p in enumerate(peers)],
