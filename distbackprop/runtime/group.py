@@ -21,6 +21,7 @@ import numpy as np
 from ..metrics.health import pack_rows, unpack_rows
 from ..threads import blas_env
 from .faults import worker_class
+from .heap import release, settle
 from .worker import ReplicaSpec, Worker
 
 # Calls a worker actor takes at once: the running chunk, the one queued behind it, and
@@ -115,6 +116,7 @@ class LocalGroup(RunsOnCollect):
 
     def start(self) -> None:
         self.worker = self.spec.build_worker(0, 1, self.x, self.y)
+        settle()  # no full collections of this process's heap while it trains (`heap`)
 
     def run_chunk(self, start: int, k: int, consecutive_skips: int | None, deadline: float,
                   want_state: bool = True) -> tuple[list[dict], Any]:
@@ -129,6 +131,7 @@ class LocalGroup(RunsOnCollect):
 
     def shutdown(self, graceful: bool = False) -> None:
         self.worker = None
+        release()
 
 
 def _transport_for(peers: list[dict]) -> None:
@@ -223,6 +226,7 @@ class _ActorBody:
         self._slots = None  # on the coordinator's machine: commits via /dev/shm
         self._split = False  # every rank writes its block of each commit (see _run_chunk)
         self._turns = Turns()
+        settle()  # this process lives to train: no full collections of its heap (`heap`)
 
     def call(self, ticket: int, method: str, *args: Any) -> Any:
         """Run `method(*args)` when `ticket`'s turn comes (see `Turns`)."""
@@ -263,6 +267,12 @@ class _ActorBody:
         self._split = on
         if not on and self.rank != 0:
             self._slots = None
+
+    def heap(self) -> dict[str, int]:
+        """Objects the cyclic collector skips (frozen by `heap.settle`) and still tracks
+        (answered at once; for diagnosis and tests)."""
+        import gc
+        return {"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}
 
     def pid(self) -> ActorPid:
         """This process's PID with where it is valid: the Ray node and the namespaces."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from .group import GroupSpec, RunsOnCollect
+from .heap import settle
 from .signals import StopRequest
 from .trainer import Result, Trainer
 from .worker import Worker
@@ -128,6 +129,7 @@ def run_mpi(config: TrainConfig, started: float | None = None) -> Result | None:
         spec = GroupSpec(prep.spec, None, _faults())
         worker = spec.build_worker(comm.rank, comm.size, prep.bundle.x_train,
                                    prep.bundle.y_train, comm=comm)
+        settle()  # this process lives to train: no full collections of its heap (`heap`)
         if comm.rank != 0:
             # Signals sent to every rank (mpiexec forwards them): rank 0 decides and stops
             # the followers at a chunk boundary, so a follower only notes them.
