@@ -7,12 +7,15 @@ of a worker's heap takes 143–210 ms, and one came about once per 300 reference
 steps (~14 s); the step that met it took 200–240 ms instead of ~47, and with
 several ranks every other rank waited for it at the next collective.
 
-`settle()` runs one full collection, then `gc.freeze()` moves every object alive
-into the permanent generation, which collections skip (a full collection then
-takes microseconds). What the steps allocate afterwards is still collected as
-usual; frozen objects are still freed by reference counting, and only a cycle
-among them would outlive its use (a `Worker` and its model are freed by reference
-counting alone: no cycles). `release()` gives them back to the collector.
+`settle()` is `gc.freeze()`: every object alive moves into the permanent
+generation, which collections skip (a full collection then takes microseconds).
+What the steps allocate afterwards is still collected as usual; frozen objects
+are still freed by reference counting, and only a cycle among them would outlive
+its use (a `Worker` and its model are freed by reference counting alone: no
+cycles). No collection runs first: it found 0 unreachable objects in a freshly
+built `--local` worker and 10 in a Ray actor, and cost 130–210 ms each time (at
+every group start, in every test). `release()` gives the objects back to the
+collector.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ import gc
 
 
 def settle() -> int:
-    """Collect, then freeze everything alive (`gc.freeze`); returns how many objects
-    the collector now skips (`gc.get_freeze_count()`)."""
-    gc.collect()
+    """Freeze everything alive (`gc.freeze`); returns how many objects the collector
+    now skips (`gc.get_freeze_count()`)."""
     gc.freeze()
     return gc.get_freeze_count()
 
