@@ -4,7 +4,7 @@ A process that trains holds ~120–165 thousand long-lived objects (NumPy, pyarr
 numba, Ray's modules, the model), and the collector's oldest generation walks all
 of them each time it runs. Measured on the 2-core test machine: a full collection
 of a worker's heap takes 143–210 ms, and one came about once per 300 reference
-steps (~14 s); the step that met it took 200–240 ms instead of ~47, and with
+steps (~14 s); the step that met it took 139–239 ms instead of ~47, and with
 several ranks every other rank waited for it at the next collective.
 
 `settle()` is `gc.freeze()`: every object alive moves into the permanent

@@ -95,10 +95,9 @@ def _prep(tmp_path, workers: int):
     return Trainer(cfg).prepare()
 
 
-def test_a_worker_actor_freezes_its_long_lived_heap(
-        ray_cluster, tmp_path):
+def test_a_worker_actor_freezes_its_long_lived_heap(ray_cluster, tmp_path):
     """`heap.settle` in each actor: the long-lived heap (~10^5 objects) is frozen, so a
-    full collection walks only what was made since; training goes on as before."""
+    full collection walks only what was made since, a chunk later too."""
     import ray
 
     from distbackprop.runtime.group import GroupSpec, RayGroup
