@@ -23,11 +23,9 @@ from __future__ import annotations
 import gc
 
 
-def settle() -> int:
-    """Freeze everything alive (`gc.freeze`); returns how many objects the collector
-    now skips (`gc.get_freeze_count()`)."""
+def settle() -> None:
+    """Freeze everything alive (`gc.freeze`): the collector skips it from now on."""
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def release() -> None:
