@@ -96,3 +96,35 @@ def test_token_auth_refuses_a_ray_older_than_2_52(monkeypatch):
     with pytest.raises(ConfigError, match=r"RAY_AUTH_MODE=token needs Ray >= 2.52; this is "
                                           r"Ray 2.51.0"):
         start_ray(None, 1)
+
+
+_LOG_MONITOR_ENV = """
+import json, os, sys
+import psutil
+from distbackprop.runtime.raysession import start_ray, stop_ray
+assert start_ray(None, 1)
+try:
+    (mon,) = [p for p in psutil.Process().children(recursive=True)
+              if any(a.endswith("log_monitor.py") for a in p.cmdline())]
+    env = mon.environ()
+    print(json.dumps({k: env.get(k) for k in sys.argv[1:]}))
+finally:
+    stop_ray()
+"""
+
+
+@pytest.mark.ray
+def test_a_private_instance_quiets_its_log_monitor():
+    """The log monitor of the instance `train` starts lists its log files every 5 s, not
+    ten times a second (`QUIET_LOG_MONITOR` reaches the daemon's environment)."""
+    import json
+    import sys
+
+    from distbackprop.runtime.raysession import QUIET_LOG_MONITOR
+    env = {k: v for k, v in os.environ.items()
+           if k not in QUIET_LOG_MONITOR and k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([sys.executable, "-c", _LOG_MONITOR_ENV, *QUIET_LOG_MONITOR],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == QUIET_LOG_MONITOR
