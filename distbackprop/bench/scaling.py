@@ -5,7 +5,10 @@ the 1-worker reference does, so perfect weak scaling is N× its samples/s.
 Variants are run in interleaved rounds so drifting machine load hits all of
 them alike: overlap on/off, the update on the workers vs on the coordinator,
 the sharded update with θ and gradients shared in /dev/shm (the default) vs
-through MPI's Reduce_scatter + Allgather, and metrics on vs off. Also
+through MPI's Reduce_scatter + Allgather, and metrics on vs off. Each round
+opens with the 1-worker run and one more closes the last, so every round sits
+between two; a variant's efficiency is the median over rounds of its samples/s
+against N × the geometric mean of its round's two 1-worker runs. Also
 measured: start-up (command start to first step, through the real CLI) and the
 coordination overhead per step.
 
@@ -196,7 +199,23 @@ def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int
                 results[DDP].append(_run_ddp(py, steps))
             except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
                 py, why_ddp = None, f"round {r + 1}: {one_line(exc)}"
+    # one more 1-worker run closes the last round: each round is then bracketed by the
+    # 1-worker runs before and after it (`references`)
+    results["1 worker"].append(_run_variant(data, tmp_path / f"1_worker-{rounds}", steps,
+                                            VARIANTS["1 worker"]))
     return results, why_ddp
+
+
+def references(one: list[float], rounds: int) -> list[float]:
+    """Round r's 1-worker samples/s: the geometric mean of the 1-worker runs that open
+    and close it (`one` has rounds + 1 runs; with `rounds` runs, each round's own).
+
+    The machine's speed drifts by ±10% over minutes here, and a round's variants run
+    over ~5 minutes after its first run: bracketing cancels a drift that is linear over
+    the round."""
+    if len(one) > rounds:
+        return [float(np.sqrt(one[r] * one[r + 1])) for r in range(rounds)]
+    return [float(x) for x in one]
 
 
 def _run_variant(data: Path, out: Path, steps: int, kw: dict) -> dict:
@@ -230,7 +249,7 @@ def _ddp_rows(results: dict[str, list[dict]], why: str | None) -> list[dict]:
         return [{"variant": DDP, "samples/s": None, "note": f"not measured: {why}"}]
     ddp = float(np.median([x["sps"] for x in results[DDP]]))
     base = float(np.median([x["sps"] for x in results["1 worker"]]))
-    rows = [{"variant": DDP, "samples/s": ddp, "efficiency": ddp / (2 * base),
+    rows = [{"variant": DDP, "samples/s": ddp, "efficiency": _efficiency(results, DDP, 2, base),
              "step_ms": float(np.median([x["step_ms"] for x in results[DDP]]))}]
     for name in ("2 workers", "2 workers, sharded update (ZeRO-1)"):
         ours = float(np.median([x["sps"] for x in results[name]]))
@@ -239,6 +258,20 @@ def _ddp_rows(results: dict[str, list[dict]], why: str | None) -> list[dict]:
     if why is not None:
         rows[0]["note"] = f"{len(results[DDP])} round(s) only; {why}"
     return rows
+
+
+def _efficiency(results: dict[str, list[dict]], name: str, n: int, base: float) -> float:
+    """samples/s ÷ (n × the 1-worker samples/s): for a variant of the interleaved rounds,
+    the median over rounds of each round's ratio against its bracketing 1-worker runs
+    (`references`); for the harness rounds (no 1-worker run among them), the median
+    samples/s against the median 1-worker run (`base`)."""
+    if name == "1 worker":
+        return 1.0
+    runs = [x["sps"] for x in results[name]]
+    refs = references([x["sps"] for x in results["1 worker"]], len(runs))
+    if (name not in VARIANTS and name != DDP) or len(refs) < len(runs):
+        return float(np.median(runs)) / (n * base)
+    return float(np.median([s / (n * b) for s, b in zip(runs, refs, strict=True)]))
 
 
 def _slug(name: str) -> str:
@@ -252,7 +285,8 @@ def _rows(results: dict[str, list[dict]], startups: list[float], why: str | None
     rows = []
     for name, m in med.items():
         n = 1 if name == "1 worker" else 2
-        rows.append({"variant": name, "samples/s": m["sps"], "efficiency": m["sps"] / (n * base),
+        rows.append({"variant": name, "samples/s": m["sps"],
+                     "efficiency": _efficiency(results, name, n, base),
                      "step_ms": m["step_ms"], "allreduce_ms": m["allreduce_ms"],
                      "coordination_us/step": m["overhead_us"],
                      "optimizer_MB/worker": m["opt_MB"]})

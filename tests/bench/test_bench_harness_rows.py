@@ -98,3 +98,23 @@ def test_scaling_says_why_without_torch(monkeypatch):
     res[scaling.DDP] = []
     (row,) = scaling._ddp_rows(res, why)
     assert row["samples/s"] is None and row["note"].startswith("not measured: ")
+
+
+
+def test_scaling_sets_each_round_against_the_one_worker_runs_around_it():
+    """1-worker runs at 100, 50, 100 samples/s (the machine slowed, then recovered); each
+    round's 2-worker runs reach 0.9 of 2 × the geometric mean of the runs around it. The
+    table says 0.9; the ratio of the medians would say 127.3 / 200 = 0.64."""
+    res = _results([])
+    res["1 worker"] = [_fig(100.0, 90.0), _fig(50.0, 90.0), _fig(100.0, 90.0)]
+    ref = math.sqrt(100.0 * 50.0)
+    for name in [*scaling.VARIANTS, scaling.DDP]:
+        if name != "1 worker":
+            res[name] = [_fig(2 * 0.9 * ref, 90.0), _fig(2 * 0.9 * ref, 90.0)]
+    rows = {r["variant"]: r for r in scaling._rows(res, [1.0], "no unshare here")
+            + scaling._ddp_rows(res, None)}
+    assert rows["1 worker"]["samples/s"] == 100.0 and rows["1 worker"]["efficiency"] == 1.0
+    for name in ("2 workers, sharded update (ZeRO-1)", "2 workers", scaling.DDP):
+        assert math.isclose(rows[name]["efficiency"], 0.9), name
+    assert scaling.references([100.0, 50.0, 100.0], 1) == [ref]  # a round that ran alone
+    assert scaling.references([100.0, 50.0], 2) == [100.0, 50.0]  # no closing run
