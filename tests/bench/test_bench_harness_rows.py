@@ -100,7 +100,6 @@ def test_scaling_says_why_without_torch(monkeypatch):
     assert row["samples/s"] is None and row["note"].startswith("not measured: ")
 
 
-
 def test_scaling_sets_each_round_against_the_one_worker_runs_around_it():
     """1-worker runs at 100, 50, 100 samples/s (the machine slowed, then recovered); each
     round's 2-worker runs reach 0.9 of 2 × the geometric mean of the runs around it. The

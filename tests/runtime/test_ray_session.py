@@ -99,7 +99,7 @@ def test_token_auth_refuses_a_ray_older_than_2_52(monkeypatch):
 
 
 _LOG_MONITOR_ENV = """
-import json, os, sys
+import json, sys
 import psutil
 from distbackprop.runtime.raysession import start_ray, stop_ray
 assert start_ray(None, 1)
