@@ -117,3 +117,25 @@ def test_scaling_sets_each_round_against_the_one_worker_runs_around_it():
         assert math.isclose(rows[name]["efficiency"], 0.9), name
     assert scaling.references([100.0, 50.0, 100.0], 1) == [ref]  # a round that ran alone
     assert scaling.references([100.0, 50.0], 2) == [100.0, 50.0]  # no closing run
+
+
+def test_scaling_sets_the_machine_ceiling_beside_the_variants():
+    res = _results([])
+    res[scaling.CEILING] = [{"alone_ms": 7.0, "slower_ms": s, "ceiling": 7.0 / s}
+                            for s in (7.0, 8.0, 10.0)]
+    rows = {r["variant"]: r for r in scaling._rows(res, [1.0], "no unshare here")}
+    assert math.isclose(rows[scaling.CEILING]["efficiency"], 7.0 / 8.0)
+    assert rows[scaling.CEILING]["step_ms"] == 8.0 and rows[scaling.CEILING]["samples/s"] is None
+
+
+def test_the_ceiling_is_set_by_the_slower_of_two(monkeypatch):
+    from distbackprop.bench import lockstep
+    monkeypatch.setattr(lockstep, "_at_once", lambda n, s: [6.0] if n == 1 else [7.5, 9.0])
+    assert lockstep.ceiling() == {"alone_ms": 6.0, "slower_ms": 9.0, "ceiling": 6.0 / 9.0}
+
+
+def test_the_matmul_loops_run_as_processes():
+    """Two real processes, one BLAS thread each, over the same half second."""
+    from distbackprop.bench import lockstep
+    a, b = lockstep._at_once(2, 0.5)
+    assert 0.0 < a < 500.0 and 0.0 < b < 500.0  # ms per 256×1024 @ 1024×1024 matmul
