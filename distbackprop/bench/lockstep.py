@@ -55,17 +55,17 @@ def _at_once(n: int, seconds: float) -> list[float]:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
     out = []
-    for p in procs:
-        try:
+    try:
+        for p in procs:
             stdout, stderr = p.communicate(timeout=START + seconds + 120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-                q.wait()
-            raise
-        if p.returncode != 0:
-            raise RuntimeError(f"the matmul loop exited {p.returncode}: {stderr[-300:]}")
-        out.append(float(stdout.strip().splitlines()[-1]))
+            if p.returncode != 0:
+                raise RuntimeError(f"the matmul loop exited {p.returncode}: {stderr[-300:]}")
+            out.append(float(stdout.strip().splitlines()[-1]))
+    finally:  # none left running, whatever failed
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return out
 
 

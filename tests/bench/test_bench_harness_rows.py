@@ -139,3 +139,12 @@ def test_the_matmul_loops_run_as_processes():
     from distbackprop.bench import lockstep
     a, b = lockstep._at_once(2, 0.5)
     assert 0.0 < a < 500.0 and 0.0 < b < 500.0  # ms per 256×1024 @ 1024×1024 matmul
+
+
+def test_a_matmul_loop_that_fails_is_named(monkeypatch):
+    import sys
+
+    from distbackprop.bench import lockstep
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="the matmul loop exited 1"):
+        lockstep._at_once(2, 0.1)
