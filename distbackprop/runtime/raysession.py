@@ -54,7 +54,8 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                                  ) from None
     else:
-        os.environ.update({k: v for k, v in QUIET_LOG_MONITOR.items() if k not in os.environ})
+        for key, value in QUIET_LOG_MONITOR.items():
+            os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return True
 
