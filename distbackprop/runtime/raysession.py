@@ -54,20 +54,30 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                                  ) from None
     else:
-        for key, value in QUIET_LOG_MONITOR.items():
+        for key, value in QUIET_DAEMONS.items():
             os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return True
 
 
-# For a private instance: Ray's log monitor re-lists the session's log directory ten
-# times a second while it holds fewer than 1000 files, to publish new lines to drivers
-# that print them; with `log_to_driver=False` and no dashboard nobody reads them. Listing
-# once every 5 s took its idle cost from ~1.2% to ~0.5% of one core here (it grew to 2.4%
-# as a long-lived instance's log files went from 37 to 88), time a spinning rank would
-# lose. The daemon inherits these from this process's environment.
-QUIET_LOG_MONITOR = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-                     "LOG_NAME_UPDATE_INTERVAL_S": "5"}
+# For a private instance, whose daemons share the cores with the ranks and whose only
+# reader is this process (`log_to_driver=False`, no dashboard): what Ray's daemons do
+# there on a timer for readers that do not exist is time a spinning rank loses (a pair
+# of ranks on 2 cores runs at the pace of whichever the daemons interrupt). The daemons
+# inherit these from this process's environment; values the user set are kept.
+QUIET_DAEMONS = {
+    # the log monitor re-lists the session's log directory ten times a second while it
+    # holds fewer than 1000 files; once every 5 s took it from ~1.2% to ~0.5% of one core
+    # idle here (it grew to 2.4% as a long-lived instance's log files went from 37 to 88)
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
+    # Ray's own metrics (recorded in every worker, raylet and GCS, exported through the
+    # dashboard agent), which no Prometheus scrapes here: the project exports its own
+    "RAY_enable_metrics_collection": "0",
+    # the dashboard agent's scan of every process (psutil) for the dashboard's node view,
+    # every 5 s by default; once a minute
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
+}
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

@@ -98,33 +98,44 @@ def test_token_auth_refuses_a_ray_older_than_2_52(monkeypatch):
         start_ray(None, 1)
 
 
-_LOG_MONITOR_ENV = """
+_DAEMON_ENV = """
 import json, sys
 import psutil
 from distbackprop.runtime.raysession import start_ray, stop_ray
 assert start_ray(None, 1)
 try:
-    (mon,) = [p for p in psutil.Process().children(recursive=True)
-              if any(a.endswith("log_monitor.py") for a in p.cmdline())]
-    env = mon.environ()
-    print(json.dumps({k: env.get(k) for k in sys.argv[1:]}))
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        words = " ".join(p.cmdline())
+        name = next((d for d in ("log_monitor.py", "raylet", "gcs_server") if d in words),
+                    None)
+        if name is not None and name not in out:
+            env = p.environ()
+            out[name] = {k: env.get(k) for k in sys.argv[1:]}
+    print(json.dumps(out))
 finally:
     stop_ray()
 """
 
 
 @pytest.mark.ray
-def test_a_private_instance_quiets_its_log_monitor():
-    """The log monitor of the instance `train` starts lists its log files every 5 s, not
-    ten times a second (`QUIET_LOG_MONITOR` reaches the daemon's environment)."""
+def test_a_private_instance_quiets_its_daemons():
+    """The instance `train` starts has its log monitor list log files every 5 s, not ten
+    times a second, no Ray metrics and the agent's process scan once a minute:
+    `QUIET_DAEMONS` reaches the environment of the log monitor, raylet and GCS. (The
+    dashboard agent, which the raylet starts with its own environment, renames itself
+    over the memory /proc/PID/environ reads.)"""
     import json
     import sys
 
-    from distbackprop.runtime.raysession import QUIET_LOG_MONITOR
+    from distbackprop.runtime.raysession import QUIET_DAEMONS
     env = {k: v for k, v in os.environ.items()
-           if k not in QUIET_LOG_MONITOR and k != "RAY_ADDRESS"}
+           if k not in QUIET_DAEMONS and k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    r = subprocess.run([sys.executable, "-c", _LOG_MONITOR_ENV, *QUIET_LOG_MONITOR],
+    r = subprocess.run([sys.executable, "-c", _DAEMON_ENV, *QUIET_DAEMONS],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == QUIET_LOG_MONITOR
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(seen) == ["gcs_server", "log_monitor.py", "raylet"]
+    for daemon, values in seen.items():
+        assert values == QUIET_DAEMONS, daemon
