@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
@@ -64,33 +65,25 @@ def _stream_pass():
     return stream_
 
 
-def run(quick: bool = False) -> list[dict]:
-    from ..kernels import block_table
-    rng = np.random.default_rng(0)
-    model = MLP(SIZES, activation="relu", dtype=np.float32, seed=0)
-    threads = _blas_threads()
+def reference_step(threads: int = 1, seed: int = 0
+                   ) -> tuple[MLP, UpdateRule, Callable[[], tuple[float, float, float, float]]]:
+    """The reference step on fixed random data: (model, Adam rule, one_step), one_step()
+    running forward, softmax cross-entropy + backward, and the update in place, and
+    returning their seconds and the whole step's: (forward, backward, update, step)."""
+    from ..nn.losses import loss_and_grad
+    rng = np.random.default_rng(seed)
+    model = MLP(SIZES, activation="relu", dtype=np.float32, seed=seed)
     cfg = SimpleNamespace(optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0,
                           clip_norm=None, lr_schedule="constant", warmup_steps=0,
                           lr_step_size=1000, lr_gamma=0.1, cpus_per_worker=threads)
-    n = model.params.size
-    rule = UpdateRule.from_config(cfg, n, np.float32, list(model.layer_slices().values()),
-                                  total_steps=10**9)
+    rule = UpdateRule.from_config(cfg, model.params.size, np.float32,
+                                  list(model.layer_slices().values()), total_steps=10**9)
     x = rng.standard_normal((BATCH, SIZES[0])).astype(np.float32)
     y = rng.integers(0, SIZES[-1], BATCH)
-    a = rng.standard_normal((1024, 1024)).astype(np.float32)
-    b = rng.standard_normal((1024, 1024)).astype(np.float32)
-    c = np.empty_like(a)
-    arrays = [np.zeros(n, np.float32) for _ in range(4)]
-    starts, stops, _, _ = block_table([slice(0, n)], n)
-    stream_ = _stream_pass()
-    copy_src, copy_dst = np.ones(n, np.float32), np.empty(n, np.float32)
-    parts: dict[str, list[float]] = {k: [] for k in (
-        "forward", "backward", "update", "step", "gemm", "update_alone", "stream", "copy")}
-    from ..nn.losses import loss_and_grad
     dy = np.empty((BATCH, SIZES[-1]), np.float32)
     step_no = [0]
 
-    def one_step():
+    def one_step() -> tuple[float, float, float, float]:
         t0 = time.perf_counter()
         y_hat = model.forward(x)
         t1 = time.perf_counter()
@@ -101,6 +94,25 @@ def run(quick: bool = False) -> list[dict]:
         t3 = time.perf_counter()
         step_no[0] += 1
         return t1 - t0, t2 - t1, t3 - t2, t3 - t0
+
+    return model, rule, one_step
+
+
+def run(quick: bool = False) -> list[dict]:
+    from ..kernels import block_table
+    rng = np.random.default_rng(0)
+    threads = _blas_threads()
+    model, rule, one_step = reference_step(threads)
+    n = model.params.size
+    a = rng.standard_normal((1024, 1024)).astype(np.float32)
+    b = rng.standard_normal((1024, 1024)).astype(np.float32)
+    c = np.empty_like(a)
+    arrays = [np.zeros(n, np.float32) for _ in range(4)]
+    starts, stops, _, _ = block_table([slice(0, n)], n)
+    stream_ = _stream_pass()
+    copy_src, copy_dst = np.ones(n, np.float32), np.empty(n, np.float32)
+    parts: dict[str, list[float]] = {k: [] for k in (
+        "forward", "backward", "update", "step", "gemm", "update_alone", "stream", "copy")}
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
@@ -115,7 +127,7 @@ def run(quick: bool = False) -> list[dict]:
     for _ in range(rounds):
         time.sleep(PAUSE)
         parts["update_alone"].append(
-            timed(lambda: rule.step_(model.params, model.grads, step_no[0], 1.0)))
+            timed(lambda: rule.step_(model.params, model.grads, 0, 1.0)))  # constant lr
         parts["stream"].append(timed(lambda: stream_(*arrays, starts, stops)))
         parts["copy"].append(timed(lambda: np.copyto(copy_dst, copy_src)))
         # An untimed step first, so the timed one starts as in training: right after the

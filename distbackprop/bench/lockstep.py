@@ -1,19 +1,26 @@
-"""What this machine allows two ranks in lockstep: the reference GEMM alone, then in two
-processes at once, one BLAS thread each, no Ray, no MPI, none of the project's code.
+"""What this machine allows two ranks in lockstep: a loop alone, then in two processes at
+once, one BLAS thread each, no Ray, no MPI.
 
 A data-parallel pair runs at the pace of its slower rank at every step, so the ceiling
-of its weak-scaling efficiency, for the compute, is
+of its weak-scaling efficiency is
 
     ceiling = t_alone / max(t_a, t_b)
 
-with t the median time of one 256×1024 @ 1024×1024 float32 matmul (the reference MLP's
-largest layer) over a few seconds: t_alone with the other core idle, t_a and t_b in the
-two processes running at the same time. It is an upper bound (the pair here only shares
-the seconds, not a barrier per matmul). On a virtual machine whose two vCPUs change
-speed independently it is often below 1 (`BENCHMARKS.md`).
+with t_alone timed with the other core idle and t_a, t_b in the two processes running
+over the same seconds. Two loops (`LOOPS`):
 
-Run as ``python -m distbackprop.bench.lockstep START END`` it times matmuls from the Unix
-time START to END and prints the median in ms.
+- ``matmul``: the median time of one 256×1024 @ 1024×1024 float32 matmul (the reference
+  MLP's largest layer), none of the project's code: the machine's compute alone;
+- ``step``: the mean time of the whole reference step as a worker runs it (forward,
+  loss and backward, the Adam update; `compute.reference_step`): the GEMMs with the
+  step's streaming parts, whose memory bandwidth two processes share.
+
+Both are upper bounds (the pair here only shares the seconds, not a barrier per step).
+On a virtual machine whose two vCPUs change speed independently they are often below 1
+(`BENCHMARKS.md`).
+
+Run as ``python -m distbackprop.bench.lockstep START END [KIND]`` it runs loop KIND
+(default ``matmul``) from the Unix time START to END and prints its figure in ms.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import time
 
 import numpy as np
 
-SECONDS = 4.0  # of matmuls per process, per measurement
-START = 1.5  # s for the processes to start (Python + NumPy) before the timed window
+SECONDS = 4.0  # of loops per process, per measurement
+# s for the processes to start (Python + NumPy; for the step, the model and the update's
+# compiled kernels) before the timed window
+START = {"matmul": 1.5, "step": 4.0}
 
 
 def gemm_median_ms(start: float, end: float, rows: int = 256, inner: int = 1024,
@@ -48,18 +57,43 @@ def gemm_median_ms(start: float, end: float, rows: int = 256, inner: int = 1024,
     return float(np.median(times)) * 1e3
 
 
-def _at_once(n: int, seconds: float) -> list[float]:
-    """`n` processes timing matmuls over the same `seconds`: each one's median ms."""
-    start = time.time() + START
-    procs = [subprocess.Popen([sys.executable, "-m", __name__, repr(start), repr(start + seconds)],
+def step_mean_ms(start: float, end: float) -> float:
+    """The mean ms of the reference step (`compute.reference_step`, one BLAS thread and
+    one update thread), repeated from the Unix time `start` until `end` — the mean, as a
+    run's samples/s follows it."""
+    from threadpoolctl import threadpool_limits
+
+    from ..kernels import set_threads
+    from .compute import reference_step
+    threadpool_limits(limits=1)
+    set_threads(1)
+    _, _, one_step = reference_step(threads=1)
+    for _ in range(3):  # compiled, in cache, BLAS warm
+        one_step()
+    while time.time() < start:
+        time.sleep(0.01)
+    times = []
+    while time.time() < end or not times:
+        times.append(one_step()[3])
+    return float(np.mean(times)) * 1e3
+
+
+LOOPS = {"matmul": gemm_median_ms, "step": step_mean_ms}
+
+
+def _at_once(n: int, seconds: float, kind: str = "matmul") -> list[float]:
+    """`n` processes running loop `kind` over the same `seconds`: each one's figure (ms)."""
+    start = time.time() + START[kind]
+    procs = [subprocess.Popen([sys.executable, "-m", __name__, repr(start), repr(start + seconds),
+                               kind],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
     out = []
     try:
         for p in procs:
-            stdout, stderr = p.communicate(timeout=START + seconds + 120)
+            stdout, stderr = p.communicate(timeout=START[kind] + seconds + 120)
             if p.returncode != 0:
-                raise RuntimeError(f"the matmul loop exited {p.returncode}: {stderr[-300:]}")
+                raise RuntimeError(f"the {kind} loop exited {p.returncode}: {stderr[-300:]}")
             out.append(float(stdout.strip().splitlines()[-1]))
     finally:  # none left running, whatever failed
         for p in procs:
@@ -69,12 +103,14 @@ def _at_once(n: int, seconds: float) -> list[float]:
     return out
 
 
-def ceiling(seconds: float = SECONDS) -> dict[str, float]:
-    """One process alone, then two at once: {"alone_ms", "slower_ms", "ceiling"}."""
-    (alone,) = _at_once(1, seconds)
-    slower = max(_at_once(2, seconds))
+def ceiling(seconds: float = SECONDS, kind: str = "matmul") -> dict[str, float]:
+    """Loop `kind` in one process alone, then in two at once: {"alone_ms", "slower_ms",
+    "ceiling"}."""
+    (alone,) = _at_once(1, seconds, kind)
+    slower = max(_at_once(2, seconds, kind))
     return {"alone_ms": alone, "slower_ms": slower, "ceiling": alone / slower}
 
 
 if __name__ == "__main__":
-    print(gemm_median_ms(float(sys.argv[1]), float(sys.argv[2])))
+    print(LOOPS[sys.argv[3] if len(sys.argv) > 3 else "matmul"](float(sys.argv[1]),
+                                                                 float(sys.argv[2])))

@@ -11,8 +11,9 @@ between two; a variant's efficiency is the median over rounds of its samples/s
 against N × the geometric mean of its round's two 1-worker runs. Also
 measured: start-up (command start to first step, through the real CLI), the
 coordination overhead per step, and in each round what the machine allows two
-ranks in lockstep with none of Ray, MPI or this project (`lockstep`: one matmul
-loop alone, then two at once; the slower sets a pair's pace).
+ranks in lockstep with none of Ray or MPI (`lockstep`: a loop alone, then two at
+once; the slower sets a pair's pace): the reference layer's bare matmul, and the
+whole reference step as a worker runs it (forward, backward, the Adam update).
 
 "2 workers on 2 nodes (namespaced harness)" is the "2 workers" configuration
 on a rehearsed cluster (`runtime.localcluster`): a head with 0 CPUs and two
@@ -139,9 +140,13 @@ VARIANTS = {
 HARNESS = "2 workers on 2 nodes (namespaced harness)"
 BESIDE = "2 workers, 1 node, harness cluster up"  # the reference for HARNESS, same rounds
 DDP = "PyTorch DDP (gloo), 2 processes × 1 thread"
-# what the machine allows a pair in lockstep in each round (`lockstep`): its step_ms is the
-# slower process's median ms per matmul, its efficiency alone ÷ slower
+# what the machine allows a pair in lockstep in each round (`lockstep`): step_ms is the
+# slower process's ms per loop, efficiency alone ÷ slower; the bare matmul (median), then
+# the whole reference step as a worker runs it, update included (mean)
 CEILING = "machine ceiling: a matmul loop alone vs the slower of 2 at once (no Ray/MPI; ms/matmul)"
+CEILING_STEP = ("machine ceiling, whole step: the reference step alone vs the slower of 2 at "
+                "once (no Ray/MPI; mean ms/step)")
+CEILINGS = {CEILING: "matmul", CEILING_STEP: "step"}
 
 
 def torch_python() -> tuple[str | None, str | None]:
@@ -193,14 +198,16 @@ def _rounds(data: Path, tmp_path: Path, steps: int, rounds: int
             ) -> tuple[dict[str, list[dict]], str | None]:
     """Every variant once per round, then DDP; per variant its runs' figures (DDP's list
     stays empty if it cannot run: the note says why). Keys for the harness rounds too."""
-    results: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, CEILING, DDP, BESIDE,
+    results: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, *CEILINGS, DDP, BESIDE,
                                                       HARNESS]}
     py, why_ddp = torch_python()
     for r in range(rounds):
         for name, kw in VARIANTS.items():
             results[name].append(_run_variant(data, tmp_path / _slug(f"{name}-{r}"), steps,
                                               kw))
-        results[CEILING].append(lockstep.ceiling(2.0 if steps < 100 else lockstep.SECONDS))
+        for name, kind in CEILINGS.items():
+            results[name].append(lockstep.ceiling(2.0 if steps < 100 else lockstep.SECONDS,
+                                                  kind))
         if py is not None:
             try:
                 results[DDP].append(_run_ddp(py, steps))
@@ -287,7 +294,7 @@ def _slug(name: str) -> str:
 
 def _rows(results: dict[str, list[dict]], startups: list[float], why: str | None) -> list[dict]:
     med = {k: {f: float(np.median([x[f] for x in v])) for f in v[0]}
-           for k, v in results.items() if v and k not in (DDP, CEILING)}
+           for k, v in results.items() if v and k != DDP and k not in CEILINGS}
     base = med["1 worker"]["sps"]
     rows = []
     for name, m in med.items():
@@ -312,10 +319,11 @@ def _rows(results: dict[str, list[dict]], startups: list[float], why: str | None
                      "efficiency": two["sps"] / off["sps"],
                      "step_ms": two["step_ms"] - off["step_ms"],
                      "allreduce_ms": two["allreduce_ms"] - off["allreduce_ms"]})
-    if results.get(CEILING):
-        rows.append({"variant": CEILING, "samples/s": None,
-                     "efficiency": float(np.median([x["ceiling"] for x in results[CEILING]])),
-                     "step_ms": float(np.median([x["slower_ms"] for x in results[CEILING]]))})
+    for name in CEILINGS:
+        if results.get(name):
+            rows.append({"variant": name, "samples/s": None,
+                         "efficiency": float(np.median([x["ceiling"] for x in results[name]])),
+                         "step_ms": float(np.median([x["slower_ms"] for x in results[name]]))})
     rows.append({"variant": "start-up to first step, 2 workers (CLI, median; ms)",
                  "samples/s": None, "efficiency": None,
                  "step_ms": float(np.median(startups)) * 1e3})

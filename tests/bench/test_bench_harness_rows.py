@@ -119,18 +119,23 @@ def test_scaling_sets_each_round_against_the_one_worker_runs_around_it():
     assert scaling.references([100.0, 50.0], 2) == [100.0, 50.0]  # no closing run
 
 
-def test_scaling_sets_the_machine_ceiling_beside_the_variants():
+def test_scaling_sets_the_machine_ceilings_beside_the_variants():
     res = _results([])
     res[scaling.CEILING] = [{"alone_ms": 7.0, "slower_ms": s, "ceiling": 7.0 / s}
                             for s in (7.0, 8.0, 10.0)]
+    res[scaling.CEILING_STEP] = [{"alone_ms": 20.0, "slower_ms": s, "ceiling": 20.0 / s}
+                                 for s in (25.0, 21.0, 22.0)]
     rows = {r["variant"]: r for r in scaling._rows(res, [1.0], "no unshare here")}
     assert math.isclose(rows[scaling.CEILING]["efficiency"], 7.0 / 8.0)
     assert rows[scaling.CEILING]["step_ms"] == 8.0 and rows[scaling.CEILING]["samples/s"] is None
+    assert math.isclose(rows[scaling.CEILING_STEP]["efficiency"], 20.0 / 22.0)
+    assert rows[scaling.CEILING_STEP]["step_ms"] == 22.0
 
 
 def test_the_ceiling_is_set_by_the_slower_of_two(monkeypatch):
     from distbackprop.bench import lockstep
-    monkeypatch.setattr(lockstep, "_at_once", lambda n, s: [6.0] if n == 1 else [7.5, 9.0])
+    monkeypatch.setattr(lockstep, "_at_once",
+                        lambda n, s, kind: [6.0] if n == 1 else [7.5, 9.0])
     assert lockstep.ceiling() == {"alone_ms": 6.0, "slower_ms": 9.0, "ceiling": 6.0 / 9.0}
 
 
@@ -139,6 +144,23 @@ def test_the_matmul_loops_run_as_processes():
     from distbackprop.bench import lockstep
     a, b = lockstep._at_once(2, 0.5)
     assert 0.0 < a < 500.0 and 0.0 < b < 500.0  # ms per 256×1024 @ 1024×1024 matmul
+
+
+def test_the_step_loops_run_as_processes():
+    """The whole reference step (this project's forward, backward and Adam update) in two
+    real processes over the same second: each step takes longer than the bare matmul of
+    its largest layer, timed in one more process afterwards."""
+    from distbackprop.bench import lockstep
+    steps = lockstep._at_once(2, 1.0, "step")
+    (matmul,) = lockstep._at_once(1, 0.5)
+    assert all(matmul < s < 5000.0 for s in steps), (steps, matmul)
+
+
+def test_bench_compute_times_the_reference_step():
+    from distbackprop.bench import compute
+    rows = {r["measure"]: r for r in compute.run(quick=True)}
+    step = rows["step: forward + backward + update"]["ms"]
+    assert 0.0 < rows["forward"]["ms"] < step and 0.0 < rows["backward (+ loss)"]["ms"] < step
 
 
 def test_a_matmul_loop_that_fails_is_named(monkeypatch):
