@@ -72,6 +72,29 @@ def train_command(cluster: Cluster | None, out: Path, *args: str,
     return cmd, full_env
 
 
+_PLACEABLE = """
+import sys, time
+import ray
+from distbackprop.runtime.raysession import placeable_workers
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+end = time.monotonic() + float(sys.argv[3])
+while placeable_workers(1) < int(sys.argv[2]):
+    if time.monotonic() > end:
+        sys.exit(f"room for fewer than {sys.argv[2]} more workers after {sys.argv[3]} s")
+    time.sleep(0.25)
+"""
+
+
+def wait_placeable(cluster: Cluster, n: int, timeout: float = 60.0) -> None:
+    """Until a driver of `cluster` sees room for `n` more 1-CPU workers on its free
+    resources (what an elastic run's capacity check reads: a node that is alive in the GCS
+    may not have reported its CPUs yet)."""
+    r = subprocess.run([sys.executable, "-c", _PLACEABLE, cluster.address, str(n), str(timeout)],
+                       capture_output=True, text=True, timeout=timeout + 60,
+                       env=cluster.driver_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def train(cluster: Cluster | None, out: Path, *args: str, timeout: float = 300,
           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `train_command(...)` to the end and capture its output."""

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from distbackprop.nn.model import load_model
-from tests.multinode.conftest import REPO, train, train_command
+from tests.multinode.conftest import REPO, train, train_command, wait_placeable
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -131,8 +131,13 @@ def test_elastic_run_shrinks_and_grows_back(restore_nodes, tmp_path):
         while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert held.exists(), "the run did not go on with one worker to step 400"
+        held_at = time.monotonic()
         c.restart_node(node)
         c.wait_nodes_alive(3)
+        # Release once the run's capacity check can see the node's CPU, and when that check
+        # is due at the next chunk (every 5 s): the 300 steps left take well under 5 s.
+        wait_placeable(c, 1)
+        time.sleep(max(0.0, held_at + 6.0 - time.monotonic()))
         (faults / "release").touch()
         out, err = proc.communicate(timeout=400)
     finally:
