@@ -99,15 +99,18 @@ def test_token_auth_refuses_a_ray_older_than_2_52(monkeypatch):
 
 
 _DAEMON_ENV = """
-import json, sys
+import json, os, sys
 import psutil
 from distbackprop.runtime.raysession import start_ray, stop_ray
 assert start_ray(None, 1)
 try:
     out = {}
     for p in psutil.Process().children(recursive=True):
-        words = " ".join(p.cmdline())
-        name = next((d for d in ("log_monitor.py", "raylet", "gcs_server") if d in words),
+        # the program: the executable, or the script Python runs (other daemons name the
+        # raylet and the GCS in their arguments)
+        argv = p.cmdline()
+        prog = [os.path.basename(a) for a in argv[:3]]
+        name = next((d for d in ("log_monitor.py", "raylet", "gcs_server") if d in prog),
                     None)
         if name is not None and name not in out:
             env = p.environ()
