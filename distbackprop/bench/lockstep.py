@@ -37,6 +37,19 @@ SECONDS = 4.0  # of loops per process, per measurement
 START = {"matmul": 1.5, "step": 4.0}
 
 
+def _timed_from(start: float, end: float, fn) -> list[float]:
+    """Seconds of each `fn()` call, called from the Unix time `start` (so processes begin
+    together) until `end` (at least once)."""
+    while time.time() < start:
+        time.sleep(0.01)
+    times = []
+    while time.time() < end or not times:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def gemm_median_ms(start: float, end: float, rows: int = 256, inner: int = 1024,
                    cols: int = 1024) -> float:
     """The median ms of a (rows × inner) @ (inner × cols) float32 matmul on one BLAS thread,
@@ -47,14 +60,7 @@ def gemm_median_ms(start: float, end: float, rows: int = 256, inner: int = 1024,
     a = rng.standard_normal((rows, inner)).astype(np.float32)
     b = rng.standard_normal((inner, cols)).astype(np.float32)
     c = np.empty((rows, cols), np.float32)
-    while time.time() < start:
-        time.sleep(0.01)
-    times = []
-    while time.time() < end or not times:
-        t = time.perf_counter()
-        np.matmul(a, b, out=c)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
+    return float(np.median(_timed_from(start, end, lambda: np.matmul(a, b, out=c)))) * 1e3
 
 
 def step_mean_ms(start: float, end: float) -> float:
@@ -70,12 +76,7 @@ def step_mean_ms(start: float, end: float) -> float:
     _, _, one_step = reference_step(threads=1)
     for _ in range(3):  # compiled, in cache, BLAS warm
         one_step()
-    while time.time() < start:
-        time.sleep(0.01)
-    times = []
-    while time.time() < end or not times:
-        times.append(one_step()[3])
-    return float(np.mean(times)) * 1e3
+    return float(np.mean(_timed_from(start, end, one_step))) * 1e3
 
 
 LOOPS = {"matmul": gemm_median_ms, "step": step_mean_ms}
