@@ -272,6 +272,57 @@ def adam_serial_(p, g, m, v, starts, stops, segs, blk, out, zero, scale, b1, b2,
     _sum_blocks(segs, blk, out)
 
 
+# Gradient health in one pass (`metrics.health.grad_health`, and the sharded sum over the
+# ranks' gradients): per segment Σ x² accumulated in float64 (each float32 square is exact in
+# float64; `reassoc` on the accumulation only, as above), and max |x| as the largest of the
+# entries' bit patterns with the sign bit masked off (`xb` is x viewed as int32/int64, `mask`
+# 0x7FF…F of that width). For IEEE floats that integer order is the order of |x| over finite
+# values and inf, so the maximum is an integer reduction, which vectorises (a float max must
+# keep NaN semantics and stays scalar). NaN patterns sort above inf: callers use the result
+# only when every Σ x² is finite, which proves every entry finite.
+@njit(**_OPTS)
+def _health_block(x, xb, mask, acc, m):
+    for i in range(x.size):
+        acc = _sq_acc(acc, np.float64(x[i]))
+        m = max(m, xb[i] & mask)
+    return acc, m
+
+
+@njit(**_OPTS)
+def health_(x, xb, starts, stops, sq, mask):
+    """sq[l] ← Σ_{i∈[starts[l], stops[l])} x_i² (float64); returns max_i (xb_i & mask)."""
+    m = mask & 0
+    for seg in range(starts.size):
+        lo, hi = starts[seg], stops[seg]
+        sq[seg], m = _health_block(x[lo:hi], xb[lo:hi], mask, 0.0, m)
+    return m
+
+
+@njit(**_OPTS)
+def sum_health_(parts, lo, out, ob, starts, stops, sq, mask):
+    """out ← parts[0][lo:lo+n] + parts[1][lo:lo+n] + … (added in that order, like NumPy's
+    chain of adds), then `health_` of out over segments [starts, stops) of out, which must
+    tile out (n,). Works through L2-sized blocks, so the health pass re-reads out from cache.
+    `parts`: a tuple of ≥ 2 flat (P,) arrays; `ob` is out viewed as int."""
+    m = mask & 0
+    for seg in range(starts.size):
+        acc = 0.0
+        for a in range(starts[seg], stops[seg], BLOCK):
+            b = min(a + BLOCK, stops[seg])
+            o = out[a:b]
+            x0 = parts[0][lo + a:lo + b]
+            x1 = parts[1][lo + a:lo + b]
+            for i in range(o.size):
+                o[i] = x0[i] + x1[i]
+            for k in range(2, len(parts)):
+                xk = parts[k][lo + a:lo + b]
+                for i in range(o.size):
+                    o[i] = o[i] + xk[i]
+            acc, m = _health_block(o, ob[a:b], mask, acc, m)
+        sq[seg] = acc
+    return m
+
+
 # One thread: the `*_serial_` twins run the same blocks in the same order on the caller's
 # thread. A `parallel=True` kernel hands even a one-thread launch to numba's pool thread and
 # waits for it (measured, one Ray worker: the step's thread blocked 6% of the time, ~70
@@ -300,12 +351,13 @@ def set_threads(n: int) -> int:
 
 
 def warm(dtypes: tuple = (np.float32, np.float64),
-         kernels: tuple[str, ...] = ("sgd", "momentum", "adam"),
+         kernels: tuple[str, ...] = ("sgd", "momentum", "adam", "health"),
          threads: tuple[int, ...] = (1, 2)) -> None:
     """Compile (or load from numba's cache) `kernels` for `dtypes`, on tiny arrays: for a
     writable and a read-only gradient (one received through Ray's object store is read-only,
     and numba types it apart), so that no step ever compiles. `threads`: the variants, as
-    `kernel` picks them (1: the serial twins; more: the prange kernels)."""
+    `kernel` picks them (1: the serial twins; more: the prange kernels). "health": `health_`
+    and `sum_health_` (over 2 ranks' gradients), which have no threaded variant."""
     tables = {id(t): t for t in (SERIAL if n <= 1 else PARALLEL for n in threads)}
     with LAUNCH_LOCK:
         for dt in dtypes:
@@ -330,9 +382,15 @@ def _warm_one(dt: np.dtype, kernels: tuple[str, ...], table: dict) -> None:
         if "adam" in kernels:
             table["adam"](p, g, m, v, starts, stops, segs, blk, out, zero, one, zero, zero, zero,
                           zero, zero, one, zero, zero, True)
+        if "health" in kernels:
+            ints = np.int32 if dt.itemsize == 4 else np.int64
+            mask, sq = ints(-1), np.zeros(1)
+            health_(g, g.view(ints), starts[:1], stops[:1], sq, mask)
+    if "health" in kernels:
+        sum_health_((p, m), 0, v, v.view(ints), starts[:1], stops[:1], sq, mask)
 
 
 if __name__ == "__main__":  # `python -m distbackprop.kernels`: warm the cache (image build)
     warm()
-    print(f"numba {numba.__version__}: update kernels compiled and cached "
+    print(f"numba {numba.__version__}: update and health kernels compiled and cached "
           f"({numba.config.CACHE_DIR or 'numba default cache dir'})")

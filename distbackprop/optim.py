@@ -91,8 +91,9 @@ class Optimizer:
         self.param_sq = self._out[1, :nreal]
         self.threads = max(1, int(threads))
         self._fn = k.kernel(self.kernel, self.threads)
-        # Compile, or load from numba's cache, now: never inside a timed step.
-        k.warm((self.dtype,), (self.kernel,), (self.threads,))
+        # Compile, or load from numba's cache, now: never inside a timed step (with the
+        # gradient-health kernels, which every step runs too).
+        k.warm((self.dtype,), (self.kernel, "health"), (self.threads,))
 
     @property
     def t(self) -> int:

@@ -23,11 +23,16 @@ The detection rule (`classify`), per layer and per step:
 Both thresholds are `TrainConfig` fields (``--vanish-threshold``,
 ``--explode-threshold``); the rule itself is the function below.
 
-Cost: sums of squares use the BLAS dot of each slice with itself — no full-size
-temporary. float64 buffers are summed in float64. float32 buffers use the
-float32 dot (relative error ~1e-7·log n, far below what the thresholds
-resolve) and are re-summed in float64 (buffered, still without a full-size
-temporary) whenever the float32 result could have under- or overflowed.
+Cost: `grad_health` reads a gradient once (a numba kernel: Σg² per layer
+accumulated in float64, max |g| from the bit patterns), and the sharded update's
+block sum over the ranks' gradients takes its health in the same pass
+(`sum_health`). The NumPy path (per-layer norms, update ratios, and any
+gradient with a non-finite entry) uses the BLAS dot of each slice with itself
+— no full-size temporary. float64 buffers are summed in float64. float32
+buffers use the float32 dot (relative error ~1e-7·log n, far below what the
+thresholds resolve) and are re-summed in float64 (buffered, still without a
+full-size temporary) whenever the float32 result could have under- or
+overflowed.
 """
 
 from __future__ import annotations
@@ -154,6 +159,77 @@ def update_ratios_between(before: np.ndarray, after: np.ndarray,
     return _ratios(num, _sumsq_per_layer(before, layer_slices))
 
 
+# The int type whose bit patterns order |x| for each float dtype, and its sign mask.
+_BITS = {np.dtype(np.float32): (np.int32, np.int32(0x7FFF_FFFF)),
+         np.dtype(np.float64): (np.int64, np.int64(0x7FFF_FFFF_FFFF_FFFF))}
+
+
+def _segments(layer_slices: Mapping[str, slice], size: int
+              ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(starts, stops) (L,) int64 of the layer slices, or None if one has a step."""
+    spans = [sl.indices(size) for sl in layer_slices.values()]
+    if any(step != 1 for _, _, step in spans):
+        return None
+    return (np.array([a for a, _, _ in spans], np.int64),
+            np.array([max(a, b) for a, b, _ in spans], np.int64))
+
+
+def _health_from_kernel(sq: np.ndarray, mbits, dtype: np.dtype, count: int) -> dict | None:
+    """`grad_health`'s result from the one-pass kernels' per-layer Σg² (float64) and the
+    largest masked bit pattern; None when a sum is not finite (then some entry is not
+    finite, or a float64 square overflowed: the caller takes the exact path)."""
+    total = math.fsum(sq)
+    if not math.isfinite(total):
+        return None
+    ints, _ = _BITS[dtype]
+    max_abs = float(np.array(mbits, ints).view(dtype)) if count else math.nan
+    return {
+        "grad_global_norm": math.sqrt(total),
+        "grad_norm": np.sqrt(sq),
+        "grad_max_abs": max_abs,
+        "nonfinite": 0,
+        "nonfinite_per_layer": np.zeros(sq.size, dtype=np.int64),
+    }
+
+
+def _fast_health(grads: np.ndarray, layer_slices: Mapping[str, slice]) -> dict | None:
+    if grads.dtype not in _BITS or grads.ndim != 1 or not grads.flags.c_contiguous:
+        return None
+    seg = _segments(layer_slices, grads.size)
+    if seg is None:
+        return None
+    from ..kernels import health_
+    ints, mask = _BITS[grads.dtype]
+    sq = np.zeros(seg[0].size)
+    m = health_(grads, grads.view(ints), seg[0], seg[1], sq, mask)
+    return _health_from_kernel(sq, m, grads.dtype, int((seg[1] - seg[0]).sum()))
+
+
+def sum_health(parts: Sequence[np.ndarray], lo: int, out: np.ndarray,
+               layer_slices: Mapping[str, slice]) -> dict:
+    """out (n,) ← Σ_k parts[k][lo:lo+n] (added in order k = 0, 1, …), and `grad_health(out)`.
+
+    `parts`: ≥ 2 flat gradients (P,) of one dtype; `layer_slices` relative to lo. In one
+    pass through cache-sized blocks when the layers tile out (the sharded update's block
+    sum); otherwise NumPy adds, then `grad_health`. Either way out is the same to the bit."""
+    n = out.size
+    span = _contiguous_span(layer_slices, n)
+    seg = _segments(layer_slices, n)
+    if (len(parts) >= 2 and span == slice(0, n) and seg is not None and out.dtype in _BITS
+            and all(p.dtype == out.dtype and p.ndim == 1 and p.flags.c_contiguous
+                    for p in parts)):
+        from ..kernels import sum_health_
+        ints, mask = _BITS[out.dtype]
+        sq = np.zeros(seg[0].size)
+        m = sum_health_(tuple(parts), lo, out, out.view(ints), seg[0], seg[1], sq, mask)
+        h = _health_from_kernel(sq, m, out.dtype, n)
+        return h if h is not None else _exact_health(out, layer_slices)
+    np.add(parts[0][lo:lo + n], parts[1][lo:lo + n], out=out)
+    for p in parts[2:]:
+        np.add(out, p[lo:lo + n], out=out)
+    return grad_health(out, layer_slices)
+
+
 def grad_health(grads: np.ndarray, layer_slices: Mapping[str, slice]) -> dict:
     """Health of one (reduced) gradient, shape (P,).
 
@@ -161,9 +237,20 @@ def grad_health(grads: np.ndarray, layer_slices: Mapping[str, slice]) -> dict:
     ``grad_max_abs`` (float, max |g_i| over the finite entries; NaN if none),
     ``nonfinite`` (int, count of inf/NaN entries) and ``nonfinite_per_layer``
     ((L,) int64). Entries outside every layer slice are ignored.
+
+    A contiguous float32/float64 gradient is read once by a numba kernel (`kernels.health_`:
+    Σg² per layer in float64, max |g| from the bit patterns). When a sum is not finite, or
+    for any other input, the exact path below counts the non-finite entries per layer.
     """
     if not isinstance(grads, np.ndarray):
         grads = np.asarray(grads)
+    h = _fast_health(grads, layer_slices)
+    return h if h is not None else _exact_health(grads, layer_slices)
+
+
+def _exact_health(grads: np.ndarray, layer_slices: Mapping[str, slice]) -> dict:
+    """`grad_health` with NumPy: BLAS dots, then a count of the non-finite entries of
+    each layer whose sum of squares is not finite."""
     sq = _sumsq_per_layer(grads, layer_slices)
     total = math.fsum(sq) if len(sq) > 1 else (sq[0] if sq else 0.0)
     nonfinite_per_layer = np.zeros(len(sq), dtype=np.int64)

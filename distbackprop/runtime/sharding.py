@@ -16,7 +16,8 @@ per-block partial ‖Δθ‖² and ‖θ‖² sums, reduced after the update.
 When every rank runs on one machine (and `--node-shm`, the default), θ and each rank's
 gradient live in memory the ranks share (`NodeBuffers`) and MPI carries only the small
 control allreduces: after a barrier rank r sums the ranks' gradients over its block
-itself, g_r = Σ_k g_k[lo:hi], reading them where backward wrote them, and updates
+itself, g_r = Σ_k g_k[lo:hi], reading them where backward wrote them and taking the
+block's health in the same pass (`metrics.health.sum_health`), and updates
 θ[lo:hi] in place where every rank reads it — no Reduce_scatter copies, no Allgather.
 The allreduce of the update's partial sums, which every rank runs after its update, is
 the fence before the next forward reads θ; the control allreduce, which every rank
@@ -29,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..comm import shard_counts
-from ..metrics.health import grad_health, health_from_sums
+from ..metrics.health import grad_health, health_from_sums, sum_health
 from ..nn.params import Storage
 from ..optim import UpdateRule
 
@@ -88,19 +89,6 @@ class NodeBuffers:
             return self.params, self.grads[rank]
         return arrays
 
-    def reduce_(self, shard: Shard, out: np.ndarray) -> np.ndarray:
-        """out (hi − lo,) ← Σ_k g_k[lo:hi], added in rank order (the same sum on every run).
-
-        (A numba kernel that also took the block's health in the same pass measured
-        slower, 0.56 vs 0.41 ms, than NumPy's add followed by `grad_health`.)"""
-        lo, hi = shard.lo, shard.hi
-        g = self.grads
-        np.add(g[0][lo:hi], g[1][lo:hi], out=out)
-        for k in range(2, len(g)):
-            np.add(out, g[k][lo:hi], out=out)
-        return out
-
-
 class ShardedGradient:
     """Reduce-scatter of the flat gradient, and its health from partial sums."""
 
@@ -123,14 +111,17 @@ class ShardedGradient:
         `extra` (e.g. an RNN's per-time Σ‖∂L/∂h_t‖²) is SUM-reduced in place in the same
         control allreduce, and so is this rank's `stop` request: `self.stop` is then
         whether any rank asked to stop."""
-        if comm.size == 1:  # one rank: its gradient is the sum, taken where backward
-            self.grads = full_grads  # wrote it (a copy here cost ~1–1.5 ms per step)
-        elif self.node is None:
-            comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
-        else:  # full_grads is g_rank in the shared buffers
+        if self.node is not None and comm.size > 1:  # full_grads is g_rank, shared
             comm.barrier()  # every rank's backward has written its gradient
-            self.node.reduce_(self.shard, self.grads)
-        h = grad_health(self.grads, self.shard.layer_slices)
+            # g_r = Σ_k g_k[lo:hi] in rank order (the same sum on every run), its health in
+            # the same pass: 0.62 → 0.34 ms per step for the reference MLP's half block
+            h = sum_health(self.node.grads, self.shard.lo, self.grads, self.shard.layer_slices)
+        else:
+            if comm.size == 1:  # one rank: its gradient is the sum, taken where backward
+                self.grads = full_grads  # wrote it (a copy here cost ~1–1.5 ms per step)
+            else:
+                comm.reduce_scatter_(full_grads, self.grads, self.shard.counts)
+            h = grad_health(self.grads, self.shard.layer_slices)
         L = self.L
         n_extra = 0 if extra is None else extra.size
         if self.ctrl.size != 3 + 2 * L + n_extra:

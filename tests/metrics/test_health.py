@@ -14,6 +14,7 @@ from distbackprop.metrics.health import (
     classify,
     grad_health,
     layer_norms,
+    sum_health,
     update_ratios,
     update_ratios_between,
 )
@@ -118,6 +119,60 @@ def test_grad_health_all_nonfinite():
     g = np.full(103, np.nan)
     h = grad_health(g, SLICES)
     assert h["nonfinite"] == 103 and np.isnan(h["grad_max_abs"])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_one_pass_health_equals_numpy_path(dtype):
+    """The kernel (one read, Σg² in float64, max |g| from bit patterns) against the NumPy
+    path and against float64 sums; the largest magnitude is negative, and a -0.0 layer."""
+    g = np.random.default_rng(6).standard_normal(20_000).astype(dtype)
+    g[123] = -31.25
+    g[19_990:] = -0.0
+    slices = {"a": slice(0, 7_000), "b": slice(7_000, 19_990), "c": slice(19_990, 20_000)}
+    fast, exact = grad_health(g, slices), health._exact_health(g, slices)
+    assert fast["grad_max_abs"] == exact["grad_max_abs"] == 31.25
+    np.testing.assert_allclose(fast["grad_norm"], _direct_norms(g, slices), rtol=1e-13)
+    np.testing.assert_allclose(fast["grad_norm"], exact["grad_norm"],
+                               rtol=1e-13 if dtype == np.float64 else 1e-5)
+    assert fast["grad_norm"][2] == 0.0 and fast["nonfinite_per_layer"].tolist() == [0, 0, 0]
+
+
+def test_one_pass_health_falls_back_for_strided_layers():
+    g = np.arange(10.0)
+    h = grad_health(g, {"even": slice(0, 10, 2)})
+    assert h["grad_norm"][0] == pytest.approx(np.sqrt(np.sum(np.arange(0, 10, 2) ** 2.0)))
+    assert h["grad_max_abs"] == 8.0
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("nparts", [2, 3])
+def test_sum_health_adds_in_rank_order_and_takes_its_health(dtype, nparts):
+    """The sharded block sum: out equals NumPy's chain of adds to the bit (over more than
+    one cache block), its health equals `grad_health(out)`'s."""
+    rng = np.random.default_rng(7)
+    parts = [rng.standard_normal(70_000).astype(dtype) for _ in range(nparts)]
+    lo, n = 12_345, 40_000
+    slices = {"a": slice(0, 25_000), "b": slice(25_000, 40_000)}
+    out = np.empty(n, dtype)
+    h = sum_health(parts, lo, out, slices)
+    ref = parts[0][lo:lo + n] + parts[1][lo:lo + n]
+    for p in parts[2:]:
+        ref = ref + p[lo:lo + n]
+    assert np.array_equal(out, ref)
+    g = grad_health(ref, slices)
+    np.testing.assert_allclose(h["grad_norm"], g["grad_norm"], rtol=1e-13)
+    assert h["grad_max_abs"] == g["grad_max_abs"] == np.abs(ref).max()
+
+
+def test_sum_health_nonfinite_and_gaps_take_the_exact_path():
+    parts = [np.ones(20), np.ones(20)]
+    parts[1][3] = np.inf
+    out = np.empty(10)
+    h = sum_health(parts, 0, out, {"a": slice(0, 5), "b": slice(5, 10)})
+    assert h["nonfinite_per_layer"].tolist() == [1, 0] and h["grad_max_abs"] == 2.0
+    out2 = np.empty(10)
+    h2 = sum_health(parts, 10, out2, {"a": slice(2, 6)})    # layers do not tile the block
+    assert np.array_equal(out2, np.full(10, 2.0)) and h2["grad_norm"][0] == 4.0
 
 
 def test_classify_rule():
