@@ -256,11 +256,7 @@ def _train(args: argparse.Namespace, started: float) -> int:
     from .runtime.trainer import Trainer
     cfg = build_config(args)
     try:
-        if cfg.launcher == "mpi":
-            from .runtime.mpi_launch import run_mpi
-            result = run_mpi(cfg, started)
-        else:
-            result = Trainer(cfg, started=started).fit()
+        result = Trainer(cfg, started=started).fit()  # --launcher mpi: run_mpi, via fit
     except TrainingFailed as exc:
         print(f"distbackprop: training failed: {exc}", file=sys.stderr)
         return EXIT_FAILED

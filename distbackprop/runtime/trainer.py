@@ -89,6 +89,9 @@ class Trainer:
 
     `group_factory(spec, size)` builds the worker group; by default `LocalGroup`
     for ``--local`` and `RayGroup` otherwise (Ray is then started or joined here).
+    With ``launcher="mpi"`` (and no `group_factory`), ``fit()`` runs the MPI launcher
+    instead, as ``train --launcher mpi`` does: call it on every rank of ``mpiexec``; rank
+    0 returns the `Result`, the other ranks None.
     """
 
     def __init__(self, config: TrainConfig, *, started: float | None = None,
@@ -119,8 +122,6 @@ class Trainer:
         if cfg.label_smoothing and loss != "cross_entropy":
             problems.append(f"label_smoothing: only meaningful with loss 'cross_entropy', not "
                             f"{loss!r} (the loss chosen for this {bundle.task} target)")
-        if cfg.launcher == "mpi" and cfg.local:
-            problems.append("launcher: mpi cannot be combined with --local")
         if cfg.streaming and cfg.min_workers != cfg.max_workers:
             problems.append("workers: an elastic MIN:MAX group needs in-memory data (the "
                             "streaming split depends on the number of workers)")
@@ -144,9 +145,16 @@ class Trainer:
         return PreparedRun(cfg, bundle, spec, spe, run_dir, resume)
 
     # --------------------------------------------------------------------- the run
-    def fit(self, prep: PreparedRun | None = None) -> Result:
-        """Train; `prep` is `prepare()`'s result when the caller already has it."""
+    def fit(self, prep: PreparedRun | None = None) -> Result | None:
+        """Train; `prep` is `prepare()`'s result when the caller already has it. None only
+        on the ranks other than 0 of ``launcher="mpi"``."""
         from ..metrics.exporter import MetricsExporter
+
+        if self.config.launcher == "mpi" and self.group_factory is None:
+            if self.config.local:
+                raise ConfigError("launcher: mpi cannot be combined with --local")
+            from .mpi_launch import run_mpi
+            return run_mpi(self.config, self.started)
 
         prep = prep if prep is not None else self.prepare()
         cfg = prep.config

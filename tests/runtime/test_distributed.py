@@ -118,6 +118,59 @@ def test_mpiexec_launcher_equals_local(local_result, tmp_path, update_on):
     assert all((b > 0) == (update_on == "sharded") for b in shared.values()), shared
 
 
+MPI_API_SCRIPT = """
+import json, os, sys
+from distbackprop import TrainConfig, Trainer
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+res = Trainer(cfg).fit()
+ray = sys.modules.get("ray")
+with open(os.path.join(sys.argv[2], "rank-" + os.environ["PMI_RANK"] + ".json"), "w") as f:
+    json.dump({"result": res is not None, "ray": bool(ray and ray.is_initialized()),
+               "workers": res.summary["workers"] if res else None}, f)
+"""
+
+
+@pytest.mark.mpi
+def test_trainer_api_honours_launcher_mpi(local_result, tmp_path):
+    """`Trainer(TrainConfig(launcher="mpi")).fit()` on every rank of `mpiexec -n 2` runs
+    the MPI launcher (it used to start Ray and ignore it): rank 0 gets the Result, the
+    other rank None, no rank starts Ray, and the model is the one-process result."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from distbackprop.nn import load_model
+    from tests.conftest import require_tool
+    mpiexec = require_tool("mpiexec")
+    out = tmp_path / "api"
+    cfg = {**BASE, "hidden": [16], "launcher": "mpi", "workers": 2, "out": str(out)}
+    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-c", MPI_API_SCRIPT,
+                             json.dumps(cfg), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"result": True, "ray": False, "workers": 2},
+                     {"result": False, "ray": False, "workers": None}]
+    m = load_model(out / "model.npz")
+    ref = local_result.model.params
+    assert np.linalg.norm(m.params - ref) / np.linalg.norm(ref) < 1e-10
+
+
+def test_trainer_api_rejects_launcher_mpi_with_local(tmp_path):
+    from distbackprop.errors import ConfigError
+    with pytest.raises(ConfigError, match="launcher: mpi cannot be combined with --local"):
+        Trainer(TrainConfig(**{**BASE, "launcher": "mpi", "local": True,
+                               "out": str(tmp_path / "x")})).fit()
+    assert not (tmp_path / "x").exists()
+
+
 def test_streaming_with_two_workers_trains(ray_cluster, tmp_path):
     """--streaming: each rank reads only its row groups; equal step counts, so no hang."""
     import pyarrow as pa
