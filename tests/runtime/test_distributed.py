@@ -78,24 +78,17 @@ def test_no_processes_left_after_train(ray_cluster, tmp_path):
     assert os.path.exists(tmp_path / "clean" / "model.npz")
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("update_on", ["workers", "sharded"])
-def test_mpiexec_launcher_equals_local(local_result, tmp_path, update_on):
-    """`mpiexec -n 2 python -m distbackprop train --launcher mpi`: no Ray, same result."""
+def _mpiexec2(*argv: str) -> None:
+    """Run `mpiexec -n 2 python *argv` to the end (2 min at most; the whole process group
+    is killed on a timeout) and assert it exited 0."""
     import signal
     import subprocess
     import sys
 
-    from distbackprop.nn import load_model
     from tests.conftest import require_tool
-    mpiexec = require_tool("mpiexec")
-    out = tmp_path / "mpi"
-    args = ["--hidden", "16", "--dtype", "float64", "--max-steps", "24", "--batch-size", "50",
-            "--seed", "3", "--metrics-port", "0", "--quiet", "--chunk-steps", "5",
-            "--val-fraction", "0.1", "--update-on", update_on, "--out", str(out)]
-    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-m", "distbackprop", "train",
-                             "--launcher", "mpi", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([require_tool("mpiexec"), "-n", "2", sys.executable, *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -103,9 +96,25 @@ def test_mpiexec_launcher_equals_local(local_result, tmp_path, update_on):
         proc.communicate()
         raise
     assert proc.returncode == 0, err
-    m = load_model(out / "model.npz")
+
+
+def _assert_equals_local(model_path, local_result) -> None:
+    from distbackprop.nn import load_model
+    m = load_model(model_path)
     ref = local_result.model.params
     assert np.linalg.norm(m.params - ref) / np.linalg.norm(ref) < 1e-10
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("update_on", ["workers", "sharded"])
+def test_mpiexec_launcher_equals_local(local_result, tmp_path, update_on):
+    """`mpiexec -n 2 python -m distbackprop train --launcher mpi`: no Ray, same result."""
+    out = tmp_path / "mpi"
+    args = ["--hidden", "16", "--dtype", "float64", "--max-steps", "24", "--batch-size", "50",
+            "--seed", "3", "--metrics-port", "0", "--quiet", "--chunk-steps", "5",
+            "--val-fraction", "0.1", "--update-on", update_on, "--out", str(out)]
+    _mpiexec2("-m", "distbackprop", "train", "--launcher", "mpi", *args)
+    _assert_equals_local(out / "model.npz", local_result)
     import json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2
@@ -136,31 +145,13 @@ def test_trainer_api_honours_launcher_mpi(local_result, tmp_path):
     the MPI launcher (it used to start Ray and ignore it): rank 0 gets the Result, the
     other rank None, no rank starts Ray, and the model is the one-process result."""
     import json
-    import signal
-    import subprocess
-    import sys
-
-    from distbackprop.nn import load_model
-    from tests.conftest import require_tool
-    mpiexec = require_tool("mpiexec")
     out = tmp_path / "api"
     cfg = {**BASE, "hidden": [16], "launcher": "mpi", "workers": 2, "out": str(out)}
-    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-c", MPI_API_SCRIPT,
-                             json.dumps(cfg), str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err
+    _mpiexec2("-c", MPI_API_SCRIPT, json.dumps(cfg), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [{"result": True, "ray": False, "workers": 2},
                      {"result": False, "ray": False, "workers": None}]
-    m = load_model(out / "model.npz")
-    ref = local_result.model.params
-    assert np.linalg.norm(m.params - ref) / np.linalg.norm(ref) < 1e-10
+    _assert_equals_local(out / "model.npz", local_result)
 
 
 def test_trainer_api_rejects_launcher_mpi_with_local(tmp_path):
