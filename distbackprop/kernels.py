@@ -299,17 +299,19 @@ def health_(x, xb, starts, stops, sq, mask):
 
 
 @njit(**_OPTS)
-def sum_health_(parts, lo, out, ob, starts, stops, sq, mask):
+def sum_health_(parts, lo, out, ob, starts, stops, sq, mask, scratch):
     """out ← parts[0][lo:lo+n] + parts[1][lo:lo+n] + … (added in that order, like NumPy's
     chain of adds), then `health_` of out over segments [starts, stops) of out, which must
     tile out (n,). Works through L2-sized blocks, so the health pass re-reads out from cache.
-    `parts`: a tuple of ≥ 2 flat (P,) arrays; `ob` is out viewed as int."""
+    `parts`: a tuple of ≥ 2 flat (P,) arrays; `ob` is out viewed as int. out may be one of
+    the parts' own [lo, lo+n) (the sum in place): with more than 2 parts each block is
+    summed in `scratch` (≥ BLOCK elements) first, as a later part may be the one out is."""
     m = mask & 0
     for seg in range(starts.size):
         acc = 0.0
         for a in range(starts[seg], stops[seg], BLOCK):
             b = min(a + BLOCK, stops[seg])
-            o = out[a:b]
+            o = out[a:b] if len(parts) == 2 else scratch[:b - a]
             x0 = parts[0][lo + a:lo + b]
             x1 = parts[1][lo + a:lo + b]
             for i in range(o.size):
@@ -318,7 +320,9 @@ def sum_health_(parts, lo, out, ob, starts, stops, sq, mask):
                 xk = parts[k][lo + a:lo + b]
                 for i in range(o.size):
                     o[i] = o[i] + xk[i]
-            acc, m = _health_block(o, ob[a:b], mask, acc, m)
+            if len(parts) > 2:
+                out[a:b] = o
+            acc, m = _health_block(out[a:b], ob[a:b], mask, acc, m)
         sq[seg] = acc
     return m
 
@@ -387,7 +391,7 @@ def _warm_one(dt: np.dtype, kernels: tuple[str, ...], table: dict) -> None:
             mask, sq = ints(-1), np.zeros(1)
             health_(g, g.view(ints), starts[:1], stops[:1], sq, mask)
     if "health" in kernels:
-        sum_health_((p, m), 0, v, v.view(ints), starts[:1], stops[:1], sq, mask)
+        sum_health_((p, m), 0, v, v.view(ints), starts[:1], stops[:1], sq, mask, v)
 
 
 if __name__ == "__main__":  # `python -m distbackprop.kernels`: warm the cache (image build)

@@ -209,24 +209,29 @@ def sum_health(parts: Sequence[np.ndarray], lo: int, out: np.ndarray,
                layer_slices: Mapping[str, slice]) -> dict:
     """out (n,) ← Σ_k parts[k][lo:lo+n] (added in order k = 0, 1, …), and `grad_health(out)`.
 
-    `parts`: ≥ 2 flat gradients (P,) of one dtype; `layer_slices` relative to lo. In one
-    pass through cache-sized blocks when the layers tile out (the sharded update's block
-    sum); otherwise NumPy adds, then `grad_health`. Either way out is the same to the bit."""
+    `parts`: ≥ 2 flat gradients (P,) of one dtype; `layer_slices` relative to lo; out may
+    be one of parts[k][lo:lo+n] (the sum in place). In one pass through cache-sized blocks
+    when the layers tile out (the sharded update's block sum); otherwise NumPy adds (into a
+    temporary when out is a part), then `grad_health`. Either way out is the same to the
+    bit."""
     n = out.size
     span = _contiguous_span(layer_slices, n)
     seg = _segments(layer_slices, n)
     if (len(parts) >= 2 and span == slice(0, n) and seg is not None and out.dtype in _BITS
             and all(p.dtype == out.dtype and p.ndim == 1 and p.flags.c_contiguous
                     for p in parts)):
-        from ..kernels import sum_health_
+        from ..kernels import BLOCK, sum_health_
         ints, mask = _BITS[out.dtype]
         sq = np.zeros(seg[0].size)
-        m = sum_health_(tuple(parts), lo, out, out.view(ints), seg[0], seg[1], sq, mask)
+        scratch = np.empty(BLOCK if len(parts) > 2 else 0, out.dtype)
+        m = sum_health_(tuple(parts), lo, out, out.view(ints), seg[0], seg[1], sq, mask,
+                        scratch)
         h = _health_from_kernel(sq, m, out.dtype, n)
         return h if h is not None else _exact_health(out, layer_slices)
-    np.add(parts[0][lo:lo + n], parts[1][lo:lo + n], out=out)
+    total = parts[0][lo:lo + n] + parts[1][lo:lo + n]
     for p in parts[2:]:
-        np.add(out, p[lo:lo + n], out=out)
+        np.add(total, p[lo:lo + n], out=total)
+    out[...] = total
     return grad_health(out, layer_slices)
 
 

@@ -59,7 +59,9 @@ class NodeBuffers:
     (`comm.shm.map_shared`): [θ | g_0 | … | g_{N−1}], each (P,), page-aligned.
 
     Rank r's model is built on (θ, g_r) (`storage`): backward writes g_r, the sharded
-    update writes θ[lo:hi], and every rank reads all of θ and all the g_k."""
+    update writes θ[lo:hi], and every rank reads all of θ and all the g_k — except
+    g_r[lo:hi], which only rank r reads, and where it writes its block's sum Σ_k g_k[lo:hi]
+    after the barrier (no other buffer for the update to stream from)."""
 
     PAGE = 4096
 
@@ -114,7 +116,10 @@ class ShardedGradient:
         if self.node is not None and comm.size > 1:  # full_grads is g_rank, shared
             comm.barrier()  # every rank's backward has written its gradient
             # g_r = Σ_k g_k[lo:hi] in rank order (the same sum on every run), its health in
-            # the same pass: 0.62 → 0.34 ms per step for the reference MLP's half block
+            # the same pass (0.62 → 0.34 ms per step for the reference MLP's half block),
+            # written over this rank's own g_rank[lo:hi], which no other rank reads: no
+            # separate (hi − lo,) buffer for the update to stream from (see `NodeBuffers`)
+            self.grads = full_grads[self.shard.lo:self.shard.hi]
             h = sum_health(self.node.grads, self.shard.lo, self.grads, self.shard.layer_slices)
         else:
             if comm.size == 1:  # one rank: its gradient is the sum, taken where backward

@@ -164,6 +164,22 @@ def test_sum_health_adds_in_rank_order_and_takes_its_health(dtype, nparts):
     assert h["grad_max_abs"] == g["grad_max_abs"] == np.abs(ref).max()
 
 
+@pytest.mark.parametrize("nparts", [2, 3])
+def test_sum_health_in_place_over_each_part(nparts):
+    """out may be a part's own block (the worker sums into its gradient's block): every
+    choice of that part gives the out-of-place sum, through the kernel and the NumPy path."""
+    rng = np.random.default_rng(8)
+    pristine = [rng.standard_normal(50_000).astype(np.float32) for _ in range(nparts)]
+    lo, n = 10_000, 36_000
+    ref = np.empty(n, np.float32)
+    sum_health([p.copy() for p in pristine], lo, ref, {"a": slice(0, n)})
+    for k in range(nparts):
+        for slices in ({"a": slice(0, n)}, {"a": slice(1, n)}):  # kernel; NumPy (a gap)
+            parts = [p.copy() for p in pristine]
+            sum_health(parts, lo, parts[k][lo:lo + n], slices)
+            assert np.array_equal(parts[k][lo:lo + n], ref), (k, slices)
+
+
 def test_sum_health_nonfinite_and_gaps_take_the_exact_path():
     parts = [np.ones(20), np.ones(20)]
     parts[1][3] = np.inf
