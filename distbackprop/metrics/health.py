@@ -37,6 +37,7 @@ overflowed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -166,10 +167,17 @@ _BITS = {np.dtype(np.float32): (np.int32, np.int32(0x7FFF_FFFF)),
 
 def _segments(layer_slices: Mapping[str, slice], size: int
               ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(starts, stops) (L,) int64 of the layer slices, or None if one has a step."""
-    spans = [sl.indices(size) for sl in layer_slices.values()]
+    """(starts, stops) (L,) int64 of the layer slices, or None if one has a step; the same
+    arrays for the same slices and size, so a step allocates none."""
+    return _segments_of(tuple(sl.indices(size) for sl in layer_slices.values()))
+
+
+@functools.lru_cache(maxsize=64)
+def _segments_of(spans: tuple[tuple[int, int, int], ...]
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
     if any(step != 1 for _, _, step in spans):
         return None
+    # shared between calls: never written (left writable, the type the kernels are warmed for)
     return (np.array([a for a, _, _ in spans], np.int64),
             np.array([max(a, b) for a, b, _ in spans], np.int64))
 
@@ -223,7 +231,8 @@ def sum_health(parts: Sequence[np.ndarray], lo: int, out: np.ndarray,
         from ..kernels import BLOCK, sum_health_
         ints, mask = _BITS[out.dtype]
         sq = np.zeros(seg[0].size)
-        scratch = np.empty(BLOCK if len(parts) > 2 else 0, out.dtype)
+        # with 2 parts the kernel sums straight into out and never touches scratch
+        scratch = np.empty(BLOCK, out.dtype) if len(parts) > 2 else out
         m = sum_health_(tuple(parts), lo, out, out.view(ints), seg[0], seg[1], sq, mask,
                         scratch)
         h = _health_from_kernel(sq, m, out.dtype, n)

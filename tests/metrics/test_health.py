@@ -180,6 +180,20 @@ def test_sum_health_in_place_over_each_part(nparts):
             assert np.array_equal(parts[k][lo:lo + n], ref), (k, slices)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_health_kernels_compile_nothing_in_a_step_after_warm(dtype):
+    """`kernels.warm` (run when an update rule is built) compiles the signatures a step's
+    `grad_health` and 2-rank `sum_health` use (a new one would compile inside the step)."""
+    from distbackprop import kernels
+    kernels.warm((dtype,), ("adam", "health"), (1,))
+    before = {f: len(f.signatures) for f in (kernels.health_, kernels.sum_health_)}
+    slices = {"a": slice(0, 600), "b": slice(600, 1000)}
+    grad_health(np.ones(1000, dtype), slices)
+    parts = [np.ones(2000, dtype), np.ones(2000, dtype)]
+    sum_health(parts, 500, parts[1][500:1500], slices)
+    assert {f: len(f.signatures) for f in before} == before
+
+
 def test_sum_health_nonfinite_and_gaps_take_the_exact_path():
     parts = [np.ones(20), np.ones(20)]
     parts[1][3] = np.inf
